@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random encoders built from a config, the packaged tokenizer, head sets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import mtcls  # noqa: E402
+from mtcls import MultiTaskModel  # noqa: E402
+
+ALL_KIND_HEADS = [
+    {"name": "trust", "kind": "binary", "labels": ["ok", "bad"], "pos_weight": 3.0},
+    {"name": "type", "kind": "multiclass", "labels": ["news", "opinion", "ad"], "inputs_from": ["trust"]},
+    {"name": "tags", "kind": "multilabel", "labels": ["x", "y", "z"], "thresholds": [0.3, 0.5, 0.7]},
+    {"name": "topic", "kind": "grouped", "groups": ["economy", "race"], "labels": ["unknown", "neg", "neu", "pos"]},
+    {"name": "sphere", "kind": "distribution", "labels": ["cs", "math", "bio"], "hidden_sizes": [8], "cumulative_threshold": 0.8},
+]
+
+
+def tiny_encoder_config(vocab_size: int = 30522) -> BertConfig:
+    """A 2-layer, 32-wide BERT: builds in milliseconds, never downloads."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=160,
+    )
+
+
+def tiny_model(heads=None, seed: int = 0, **kwargs) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    config = mtcls.MultiTaskConfig(encoder=tiny_encoder_config(), heads=heads or ALL_KIND_HEADS, **kwargs)
+    return MultiTaskModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The packaged all-MiniLM-L6-v2 tokenizer (a fast WordPiece tokenizer, on local disk)."""
+    return AutoTokenizer.from_pretrained(str(mtcls.default_encoder_path()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A saved tiny model with every head kind, plus the tokenizer: what jobs load."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
