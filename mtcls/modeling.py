@@ -232,7 +232,20 @@ class MultiTaskModel(PreTrainedModel):
         if token_type_ids is not None:
             enc_kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**enc_kwargs).last_hidden_state  # (B, T, H)
-        pooled = self.pool(hidden, attention_mask)  # (B, H)
+        return self.forward_heads(self.pool(hidden, attention_mask), labels)
+
+    def forward_heads(
+        self, pooled: torch.Tensor, labels: Optional[dict[str, torch.Tensor]] = None
+    ) -> MultiTaskOutput:
+        """Runs every head on pooled features (B, H), e.g. features cached from a frozen encoder.
+
+        Args:
+            pooled: (B, H) pooled encoder output.
+            labels: As in :meth:`forward`.
+
+        Returns:
+            A :class:`MultiTaskOutput`.
+        """
         logits: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
         for name, spec in self.specs.items():
@@ -251,16 +264,16 @@ class MultiTaskModel(PreTrainedModel):
             if unknown:
                 raise HeadSpecError(f"labels given for unknown head(s) {unknown}; heads: {list(self.specs)}")
             self._check_resolved(labels)
-            head_losses = {}
-            for name, y in labels.items():
-                spec = self.specs[name]
-                head_losses[name] = head_loss(
-                    spec,
+            head_losses = {
+                name: head_loss(
+                    self.specs[name],
                     logits[name],
                     y,
                     class_weights=getattr(self, f"_class_weights_{name}"),
                     pos_weight=getattr(self, f"_pos_weight_{name}"),
                 )
+                for name, y in labels.items()
+            }
             loss = sum(self.specs[n].loss_weight * l for n, l in head_losses.items())
         return MultiTaskOutput(loss=loss, head_losses=head_losses, logits=logits, pooled=pooled)
 

@@ -1,0 +1,33 @@
+"""What every job does first: parse ``--config FILE key=value ...``, set up logging, start Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Optional, Sequence
+
+
+def parse_job_args(argv: Optional[Sequence[str]], description: str) -> tuple[Optional[str], list[str]]:
+    """Splits a job's command line into the config file and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (keys as in the config class)")
+    parser.add_argument("overrides", nargs="*", help="key=value or a.b=value, applied on top of --config")
+    args = parser.parse_args(argv)
+    return args.config, list(args.overrides)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("MTCLS_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray() -> None:
+    """Connects to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or starts a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)

@@ -1,0 +1,190 @@
+"""The embedded default: a generated, labelled review corpus and a model fitted to it.
+
+Nothing is downloaded. The corpus is generated from templates with a fixed seed; the default model
+is the packaged all-MiniLM-L6-v2 encoder (frozen) with four heads, one of each of the kinds
+binary, multiclass, multilabel and grouped, fitted on the encoder's pooled features of the corpus's
+train split (card 004's frozen-encoder recipe). Both are built once into a cache directory
+(``$MTCLS_CACHE``, default ``~/.cache/mtcls``) and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mtcls import IGNORE_INDEX, MultiTaskModel, default_encoder_path, encode_labels, tokenize
+
+log = logging.getLogger(__name__)
+
+SAMPLE_VERSION = "v1"
+ASPECTS = ["price", "quality", "delivery", "service"]
+DEFAULT_HEADS = [
+    {"name": "spam", "kind": "binary", "labels": ["ham", "spam"]},
+    {"name": "sentiment", "kind": "multiclass", "labels": ["negative", "neutral", "positive"]},
+    {"name": "aspects", "kind": "multilabel", "labels": ASPECTS},
+    {"name": "aspect_sentiment", "kind": "grouped", "groups": ASPECTS, "labels": ["absent", "negative", "positive"]},
+]
+
+_PRODUCTS = ["blender", "laptop", "jacket", "phone case", "coffee maker", "desk lamp", "backpack", "headphones",
+             "kettle", "office chair", "sneakers", "monitor", "toaster", "camera", "vacuum"]
+_PHRASES = {
+    ("price", "positive"): ["the price was a bargain", "great value for the money", "cheaper than anywhere else",
+                            "worth every cent", "very affordable"],
+    ("price", "negative"): ["way too expensive", "overpriced for what you get", "not worth the money",
+                            "the price is a rip-off", "costs far too much"],
+    ("quality", "positive"): ["the build quality is excellent", "feels solid and well made", "works perfectly",
+                              "sturdy and reliable", "the materials are superb"],
+    ("quality", "negative"): ["it broke after two days", "feels cheap and flimsy", "stopped working within a week",
+                              "poorly made", "the material started falling apart"],
+    ("delivery", "positive"): ["shipping was fast", "it arrived a day early", "delivery was quick and easy",
+                               "the package came right on time", "arrived well packed"],
+    ("delivery", "negative"): ["shipping took forever", "it arrived three weeks late", "the box was crushed in transit",
+                               "delivery was a nightmare", "the parcel got lost twice"],
+    ("service", "positive"): ["customer support was very helpful", "the seller answered within minutes",
+                              "the staff were friendly", "support sorted out my question quickly",
+                              "great after-sales service"],
+    ("service", "negative"): ["customer service never replied", "the seller was rude", "support kept ignoring my emails",
+                              "the refund process was awful", "nobody at the help desk could help"],
+}
+_NEUTRAL = ["I bought the {p} last month.", "This is my second {p}.", "Got the {p} as a gift.",
+            "It is a {p}, nothing more to say.", "Using the {p} at home."]
+_SPAM = ["CLICK HERE to win a free {p}!!!", "Earn $500 a day from home, visit my profile",
+         "Best deals on {p} at cheap-stuff dot biz, use code WIN50", "Follow me for free gift cards and giveaways",
+         "Limited offer!!! Buy 1 {p} get 5 free, DM now"]
+
+
+def generate_reviews(n: int, seed: int = 0) -> pa.Table:
+    """Generates labelled product reviews.
+
+    Args:
+        n: Number of rows.
+        seed: Random seed; the same seed gives the same table.
+
+    Returns:
+        Columns ``id``, ``text``, ``spam`` (ham/spam), ``sentiment`` (negative/neutral/positive),
+        ``aspects`` (list of aspect names), ``aspect_sentiment`` (struct: aspect -> negative/positive,
+        null when the aspect is not mentioned).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        product = rng.choice(_PRODUCTS)
+        row = {"id": f"r{seed}-{i:06d}", "spam": "ham", "aspects": [], "aspect_sentiment": {a: None for a in ASPECTS}}
+        roll = rng.random()
+        if roll < 0.08:
+            row.update(text=rng.choice(_SPAM).format(p=product), spam="spam", sentiment="neutral")
+        elif roll < 0.18:
+            row.update(text=rng.choice(_NEUTRAL).format(p=product), sentiment="neutral")
+        else:
+            aspects = rng.sample(ASPECTS, rng.choice([1, 1, 2, 2, 3]))
+            polarity = {a: rng.choice(["positive", "negative"]) for a in aspects}
+            parts = [rng.choice(_PHRASES[(a, polarity[a])]) for a in aspects]
+            opener = rng.choice(["The {p}: ", "About the {p}, ", "My new {p}: ", "", ""]).format(p=product)
+            text = opener + rng.choice([", ", " and ", ". Also, ", " but "]).join(parts) + "."
+            values = set(polarity.values())
+            row.update(
+                text=text[0].upper() + text[1:],
+                sentiment=values.pop() if len(values) == 1 else "neutral",
+                aspects=sorted(aspects, key=ASPECTS.index),
+                aspect_sentiment={a: polarity.get(a) for a in ASPECTS},
+            )
+        rows.append(row)
+    struct = pa.struct([(a, pa.string()) for a in ASPECTS])
+    return pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "spam": [r["spam"] for r in rows],
+            "sentiment": [r["sentiment"] for r in rows],
+            "aspects": pa.array([r["aspects"] for r in rows], pa.list_(pa.string())),
+            "aspect_sentiment": pa.array([r["aspect_sentiment"] for r in rows], struct),
+        }
+    )
+
+
+def cache_dir() -> Path:
+    """Where the embedded default corpus and model are built (``$MTCLS_CACHE`` or ~/.cache/mtcls)."""
+    return Path(os.environ.get("MTCLS_CACHE") or Path.home() / ".cache" / "mtcls")
+
+
+def default_corpus_dir(rows: int = 2000) -> Path:
+    """The demo corpus as Parquet (``train.parquet``, ``test.parquet``), generated on first use."""
+    target = cache_dir() / f"sample-corpus-{SAMPLE_VERSION}-{rows}"
+    if not (target / "test.parquet").is_file():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pq.write_table(generate_reviews(rows, seed=1), tmp / "train.parquet")
+        pq.write_table(generate_reviews(rows, seed=2), tmp / "test.parquet")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def _labels_for(table: pa.Table) -> dict[str, torch.Tensor]:
+    out = {}
+    for head in DEFAULT_HEADS:
+        from mtcls import HeadSpec
+
+        spec = HeadSpec.from_dict(head)
+        out[spec.name] = torch.as_tensor(encode_labels(spec, table.column(spec.name).to_pylist()))
+    grouped = out["aspect_sentiment"]
+    out["aspect_sentiment"] = torch.where(grouped == IGNORE_INDEX, torch.zeros_like(grouped), grouped)
+    return out
+
+
+def build_default_model(target: Path, epochs: int = 60, seed: int = 0) -> Path:
+    """Fits the default heads on the frozen packaged MiniLM and saves model + tokenizer to ``target``."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    encoder_dir = default_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    model = MultiTaskModel.from_encoder(encoder_dir, DEFAULT_HEADS)
+    model.freeze_encoder()
+    train = pq.read_table(default_corpus_dir() / "train.parquet")
+    # "absent" aspects are class 0 of the grouped head; the struct's nulls mean exactly that here.
+    labels = _labels_for(train)
+    ids, _ = tokenize(tokenizer, train.column("text").to_pylist(), 128)
+    model.eval()
+    pooled = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), 128):
+            chunk = ids[start : start + 128]
+            width = max(len(r) for r in chunk)
+            x = torch.tensor([r + [0] * (width - len(r)) for r in chunk])
+            pooled.append(model.pool(model.encoder(input_ids=x, attention_mask=(x != 0).long()).last_hidden_state, (x != 0).long()))
+    features = torch.cat(pooled)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(features)).split(256):
+            out = model.forward_heads(features[batch], {k: v[batch] for k, v in labels.items()})
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    model.freeze_encoder(False)
+    model.eval()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def default_model_dir() -> Path:
+    """The embedded default model directory, built on first use (about a minute on 2 CPUs)."""
+    target = cache_dir() / f"default-model-{SAMPLE_VERSION}"
+    if not (target / "model.safetensors").is_file():
+        log.info("building the embedded default model into %s (first use only)", target)
+        build_default_model(target)
+    return target

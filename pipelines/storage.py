@@ -1,0 +1,127 @@
+"""Files through fsspec: any URI (local path, ``s3://``, ``gs://``, ``memory://`` ...) works alike."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class InputError(ValueError):
+    """Input data is missing, unreadable or lacks a column; the message names the file or column."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path on it (no protocol), from a URI."""
+
+    fs: Any
+    path: str
+    protocol: str
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.fs, posixpath.join(self.path, *parts), self.protocol)
+
+    def uri(self, path: str | None = None) -> str:
+        path = self.path if path is None else path
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        """The filesystem as pyarrow wants it (Ray Data reads and writes through this)."""
+        if self.protocol == "file":
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+
+def locate(uri: str) -> Location:
+    """Resolves a URI or local path to a :class:`Location`."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol == "local":
+        protocol = "file"
+    return Location(fs, path.rstrip("/") or "/", protocol)
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path, root)
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def list_parquet_files(loc: Location) -> list[str]:
+    """Parquet files at a location: the file itself, or every ``*.parquet`` below a directory.
+
+    Files and directories whose names start with ``_`` or ``.`` are skipped (markers, staging),
+    as pyarrow, Spark and DuckDB do.
+
+    Raises:
+        InputError: If the path does not exist or holds no Parquet file.
+    """
+    if not loc.fs.exists(loc.path):
+        raise InputError(f"input path {loc.uri()!r} does not exist")
+    if loc.fs.isfile(loc.path):
+        return [loc.path]
+    files = sorted(
+        p for p in loc.fs.find(loc.path) if p.endswith(".parquet") and not _hidden(p, loc.path)
+    )
+    if not files:
+        raise InputError(f"input directory {loc.uri()!r} holds no .parquet files")
+    return files
+
+
+def inspect_parquet(loc: Location, files: list[str], required: list[str]) -> tuple[pa.Schema, dict[str, int]]:
+    """Reads every file's footer: proves it is readable and has the required columns.
+
+    Args:
+        loc: Where the files are.
+        files: Paths from :func:`list_parquet_files`.
+        required: Columns the job reads.
+
+    Returns:
+        The schema of the required columns (from the first file), and the row count per file.
+
+    Raises:
+        InputError: Naming the file that is corrupt or unreadable, or the column it lacks.
+    """
+    rows: dict[str, int] = {}
+    schema = None
+    for path in files:
+        try:
+            with loc.fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                file_schema = pf.schema_arrow
+                rows[path] = pf.metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a bad footer
+            raise InputError(f"cannot read Parquet file {loc.uri(path)!r}: {type(exc).__name__}: {exc}") from exc
+        missing = [c for c in required if c not in file_schema.names]
+        if missing:
+            raise InputError(
+                f"Parquet file {loc.uri(path)!r} has no column(s) {missing}; its columns: {file_schema.names}"
+            )
+        selected = pa.schema([file_schema.field(c) for c in required])
+        if schema is None:
+            schema = selected
+        elif not selected.equals(schema):
+            raise InputError(
+                f"Parquet file {loc.uri(path)!r} has column types {selected} unlike the first file's {schema}"
+            )
+    assert schema is not None
+    return schema, rows
+
+
+def write_json(loc: Location, data: Any) -> None:
+    """Writes JSON (indented, keys in order) to a location."""
+    loc.fs.makedirs(posixpath.dirname(loc.path), exist_ok=True)
+    with loc.fs.open(loc.path, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+
+
+def read_json(loc: Location) -> Any:
+    with loc.fs.open(loc.path, "r") as fh:
+        return json.load(fh)
