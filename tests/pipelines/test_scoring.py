@@ -1,0 +1,208 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+import mtcls
+from pipelines import scoring
+from pipelines.config import ConfigError, load_config
+from pipelines.scoring import ScoreConfig, plan_resources, run_scoring
+from pipelines.storage import InputError
+
+TEXTS = [
+    "the delivery was quick",
+    "terrible quality, broke in a day",
+    "great value for the money and friendly staff " * 3,
+    "meh",
+    "word " * 400,  # longer than max_length: truncated, flagged
+]
+
+
+def write_corpus(path, n=60, start=0):
+    ids = [f"row-{start + i:05d}" for i in range(n)]
+    texts = [TEXTS[i % len(TEXTS)] + f" #{start + i}" for i in range(n)]
+    pq.write_table(pa.table({"id": ids, "text": texts, "source": ["a"] * n}), path)
+    return dict(zip(ids, texts))
+
+
+def score(tmp_path, model_dir, **overrides):
+    args = {"output": str(tmp_path / "out"), "model": str(model_dir), "progress": False, "block_rows": 16, "batch_size": 8}
+    args.update(overrides)
+    cfg = load_config(ScoreConfig, None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in args.items()])
+    return cfg, run_scoring(cfg, scoring.localize_model(cfg.model), cfg.model)
+
+
+def read_output(path):
+    return pd.read_parquet(path).set_index("id").sort_index()
+
+
+def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_local):
+    (tmp_path / "in").mkdir()
+    texts = write_corpus(tmp_path / "in" / "a.parquet", 40)
+    texts.update(write_corpus(tmp_path / "in" / "b.parquet", 30, start=40))
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"], max_length=32)
+    out = read_output(cfg.output)
+    assert sorted(out.index) == sorted(texts) and manifest["rows_out"] == manifest["rows_in"] == 70
+    model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = sorted(texts)
+    direct = mtcls.predict_texts(model, tok, [texts[i] for i in ids], max_length=32)
+    for column, values in direct.items():
+        got = out.loc[ids, column].tolist()
+        if column.endswith(("_score", "_probs")):
+            np.testing.assert_allclose(np.stack([np.stack(v) for v in got]).astype(float) if column.endswith("topic_probs") else np.array([np.asarray(v, float) for v in got]), np.asarray(direct[column], float), atol=1e-5, err_msg=column)
+        else:
+            assert [list(v) if isinstance(v, np.ndarray) else v for v in got] == list(direct[column]), column
+    assert out["truncated"].sum() == sum(len(texts[i].split()) > 30 for i in ids) > 0
+    assert out["error"].isna().all() and (out["source"] == "a").all()
+    # Self-describing: labels and model identity in the schema metadata, columns in documented order.
+    schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
+    meta = json.loads(schema.metadata[b"mtcls"])
+    assert [h["labels"] for h in meta["heads"]][1] == ["news", "opinion", "ad"]
+    assert meta["model"]["weights_sha256"] == manifest["model"]["weights_sha256"]
+    assert schema.names[:2] == ["id", "source"] and schema.names[-2:] == ["truncated", "error"]
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_bad_rows_are_kept_with_an_error(tmp_path, tiny_model_dir, ray_local):
+    table = pa.table(
+        {
+            "id": ["ok", "null", "empty", "space", "nul", "title-only"],
+            "text": ["fine text", None, "", "   \t\n", "bad\x00chars", None],
+            "title": [None, None, None, None, None, "a title"],
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"), text_columns=["text"])
+    out = read_output(cfg.output)
+    assert len(out) == 6 and manifest["rows_error"] == 4
+    assert out.loc["null", "error"] == "empty text: column 'text' is null, empty or whitespace"
+    assert out.loc[["empty", "space", "title-only"], "error"].notna().all()
+    assert out.loc[["ok", "nul"], "error"].isna().all()
+    assert out.loc["null", ["type_label", "type_score", "truncated"]].isna().all()
+    # Two text columns: a row with only a title is scored.
+    cfg2, _ = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"), text_columns=["title", "text"], output=str(tmp_path / "out2"))
+    assert pd.isna(read_output(cfg2.output).loc["title-only", "error"])
+
+
+def test_non_string_and_invalid_utf8_text_columns(tmp_path, tiny_model_dir, ray_local):
+    pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), tmp_path / "ints.parquet")
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "ints.parquet"))
+    assert manifest["rows_error"] == 2
+    assert read_output(cfg.output)["error"].tolist() == ["column 'text': expected a string, got int"] * 2
+    pq.write_table(pa.table({"id": ["a", "b"], "text": pa.array([b"ok", b"\xff\xfe"], pa.binary())}), tmp_path / "bin.parquet")
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "bin.parquet"), output=str(tmp_path / "o2"))
+    out = read_output(cfg.output)
+    assert pd.isna(out.loc["a", "error"]) and out.loc["b", "error"].startswith("column 'text': invalid UTF-8")
+
+
+def test_bad_inputs_fail_before_any_output(tmp_path, tiny_model_dir, ray_local):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="input path .*nope.* does not exist"):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "nope"))
+    (tmp_path / "in").mkdir()
+    write_corpus(tmp_path / "in" / "good.parquet", 5)
+    (tmp_path / "in" / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match="cannot read Parquet file .*corrupt.parquet"):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"))
+    (tmp_path / "in" / "corrupt.parquet").unlink()
+    with pytest.raises(InputError, match=r"has no column\(s\) \['body'\]"):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), text_columns=["body"])
+    assert not out.exists() or not any(out.glob("*.parquet"))
+
+
+def test_rerun_is_idempotent_and_resumes_after_a_crash(tmp_path, tiny_model_dir, ray_local, monkeypatch):
+    (tmp_path / "in").mkdir()
+    ids = set()
+    for k in range(3):
+        ids |= set(write_corpus(tmp_path / "in" / f"p{k}.parquet", 20, start=20 * k))
+    real_commit = scoring.OutputDir.commit
+    calls = {"n": 0}
+
+    def crash_on_second(self, wave, staged, counts):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed after writing wave 2's files to staging, before recording it
+            raise KeyboardInterrupt("killed")
+        return real_commit(self, wave, staged, counts)
+
+    monkeypatch.setattr(scoring.OutputDir, "commit", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert len(pd.read_parquet(tmp_path / "out")) == 20  # only the committed wave is visible
+    monkeypatch.setattr(scoring.OutputDir, "commit", real_commit)
+
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
+    assert manifest["rows_scored_this_run"] == 40
+    out = pd.read_parquet(cfg.output)
+    assert len(out) == 60 and set(out["id"]) == ids and out["id"].is_unique
+    assert not any((tmp_path / "out" / "_mtcls" / "staging").iterdir())
+
+    files = sorted(p.name for p in (tmp_path / "out").glob("part-*"))
+    _, again = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
+    assert again["rows_scored_this_run"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == files
+
+    write_corpus(tmp_path / "in" / "p3.parquet", 5, start=60)  # a new file: only it is scored
+    _, more = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
+    assert more["rows_scored_this_run"] == 5 and pd.read_parquet(cfg.output)["id"].is_unique
+
+
+def test_interrupted_move_is_rolled_forward(tmp_path, tiny_model_dir, ray_local, monkeypatch):
+    write_corpus(tmp_path / "in.parquet", 30)
+    real_move = scoring.OutputDir._move
+
+    def die_before_move(self, record):
+        raise KeyboardInterrupt("killed while moving")
+
+    monkeypatch.setattr(scoring.OutputDir, "_move", die_before_move)
+    with pytest.raises(KeyboardInterrupt):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+    monkeypatch.setattr(scoring.OutputDir, "_move", real_move)
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+    assert manifest["rows_scored_this_run"] == 0  # the recorded wave was completed, not redone
+    assert len(pd.read_parquet(cfg.output)) == 30
+
+
+def test_foreign_output_directory_is_refused(tmp_path, tiny_model_dir, ray_local):
+    write_corpus(tmp_path / "in.parquet", 5)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "important.csv").write_text("x")
+    with pytest.raises(InputError, match="not empty and was not written by mtcls"):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"), overwrite=True)
+    assert manifest["rows_out"] == 5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["batch_sise=3"], r"unknown key\(s\) \['batch_sise'\]"),
+        (["batch_size=abc"], "key 'batch_size': expected int"),
+        (["batch_size=0"], "key 'batch_size': must be >= 1"),
+        (["precision=fp8"], "key 'precision'"),
+        (["text_columns=[]"], "key 'text_columns'"),
+        (["passthrough_columns=[id]"], "key 'passthrough_columns'"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ScoreConfig, None, overrides)
+
+
+def test_resource_plan_never_takes_every_cpu():
+    plan = plan_resources(ScoreConfig(), {"CPU": 2.0})
+    assert (plan.num_actors, plan.num_cpus, plan.num_gpus) == (1, 1.0, 0.0)
+    assert plan_resources(ScoreConfig(), {"CPU": 16.0}).num_actors == 15
+    gpu = plan_resources(ScoreConfig(), {"CPU": 32.0, "GPU": 4.0})
+    assert (gpu.num_actors, gpu.num_gpus) == (4, 1.0)
+    with pytest.raises(ConfigError, match="'num_cpus_per_actor'.*leaves no CPU"):
+        plan_resources(ScoreConfig(num_cpus_per_actor=2), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="'num_actors'.*would hang"):
+        plan_resources(ScoreConfig(num_actors=2), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="'num_gpus_per_actor'"):
+        plan_resources(ScoreConfig(num_gpus_per_actor=1), {"CPU": 2.0})
