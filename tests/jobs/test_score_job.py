@@ -1,0 +1,47 @@
+"""The scoring recipe end to end through its command-line entry point."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_job(*args, env_extra=None):
+    import os
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.score", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_bad_config_fails_at_once_naming_the_key(tmp_path, tiny_model_dir):
+    result = run_job(f"output={tmp_path}/o", "batch_sise=8")
+    assert result.returncode == 2
+    assert "unknown key(s) ['batch_sise']" in result.stderr
+    assert not (tmp_path / "o").exists()
+    missing = run_job(f"output={tmp_path}/o", f"input={tmp_path}/absent.parquet", f"model={tiny_model_dir}")
+    assert missing.returncode == 2
+    assert f"input path '{tmp_path}/absent.parquet' does not exist" in missing.stderr
+
+
+def test_job_scores_with_a_config_and_prints_a_summary(tmp_path, tiny_model_dir):
+    pq.write_table(pa.table({"doc": ["d1", "d2", "d3"], "title": ["a", None, "c"], "body": ["x", "y", None]}), tmp_path / "in.parquet")
+    result = run_job(
+        "--config", str(ROOT / "jobs/configs/score/default.yaml"),
+        f"input={tmp_path}/in.parquet", f"output={tmp_path}/out", f"model={tiny_model_dir}",
+        "text_columns=[title,body]", "id_column=doc", "progress=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["rows_in"] == summary["rows_out"] == 3 and summary["rows_error"] == 0
+    out = pd.read_parquet(tmp_path / "out")
+    assert sorted(out["doc"]) == ["d1", "d2", "d3"]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["config"]["text_columns"] == ["title", "body"] and manifest["model"]["uri"] == str(tiny_model_dir)
