@@ -73,7 +73,7 @@ class ScoreConfig:
     passthrough_columns: list[str] = field(default_factory=list)
     max_length: int = 0
     batch_size: int = 64
-    block_rows: int = 1024
+    block_rows: int = 4096
     num_actors: int = 0
     num_gpus_per_actor: float = -1
     num_cpus_per_actor: float = 1.0
