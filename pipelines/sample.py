@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mtcls import IGNORE_INDEX, MultiTaskModel, default_encoder_path, encode_labels, tokenize
+from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, encode_labels, tokenize
 
 log = logging.getLogger(__name__)
 
-SAMPLE_VERSION = "v1"
+SAMPLE_VERSION = "v2"
 ASPECTS = ["price", "quality", "delivery", "service"]
 DEFAULT_HEADS = [
     {"name": "spam", "kind": "binary", "labels": ["ham", "spam"]},
@@ -69,14 +69,13 @@ def generate_reviews(n: int, seed: int = 0) -> pa.Table:
 
     Returns:
         Columns ``id``, ``text``, ``spam`` (ham/spam), ``sentiment`` (negative/neutral/positive),
-        ``aspects`` (list of aspect names), ``aspect_sentiment`` (struct: aspect -> negative/positive,
-        null when the aspect is not mentioned).
+        ``aspects`` (list of aspect names), ``aspect_sentiment`` (struct: aspect -> absent/negative/positive).
     """
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         product = rng.choice(_PRODUCTS)
-        row = {"id": f"r{seed}-{i:06d}", "spam": "ham", "aspects": [], "aspect_sentiment": {a: None for a in ASPECTS}}
+        row = {"id": f"r{seed}-{i:06d}", "spam": "ham", "aspects": [], "aspect_sentiment": {a: "absent" for a in ASPECTS}}
         roll = rng.random()
         if roll < 0.08:
             row.update(text=rng.choice(_SPAM).format(p=product), spam="spam", sentiment="neutral")
@@ -93,7 +92,7 @@ def generate_reviews(n: int, seed: int = 0) -> pa.Table:
                 text=text[0].upper() + text[1:],
                 sentiment=values.pop() if len(values) == 1 else "neutral",
                 aspects=sorted(aspects, key=ASPECTS.index),
-                aspect_sentiment={a: polarity.get(a) for a in ASPECTS},
+                aspect_sentiment={a: polarity.get(a, "absent") for a in ASPECTS},
             )
         rows.append(row)
     struct = pa.struct([(a, pa.string()) for a in ASPECTS])
@@ -129,15 +128,8 @@ def default_corpus_dir(rows: int = 2000) -> Path:
 
 
 def _labels_for(table: pa.Table) -> dict[str, torch.Tensor]:
-    out = {}
-    for head in DEFAULT_HEADS:
-        from mtcls import HeadSpec
-
-        spec = HeadSpec.from_dict(head)
-        out[spec.name] = torch.as_tensor(encode_labels(spec, table.column(spec.name).to_pylist()))
-    grouped = out["aspect_sentiment"]
-    out["aspect_sentiment"] = torch.where(grouped == IGNORE_INDEX, torch.zeros_like(grouped), grouped)
-    return out
+    specs = [HeadSpec.from_dict(h) for h in DEFAULT_HEADS]
+    return {s.name: torch.as_tensor(encode_labels(s, table.column(s.name).to_pylist())) for s in specs}
 
 
 def build_default_model(target: Path, epochs: int = 60, seed: int = 0) -> Path:
@@ -150,7 +142,6 @@ def build_default_model(target: Path, epochs: int = 60, seed: int = 0) -> Path:
     model = MultiTaskModel.from_encoder(encoder_dir, DEFAULT_HEADS)
     model.freeze_encoder()
     train = pq.read_table(default_corpus_dir() / "train.parquet")
-    # "absent" aspects are class 0 of the grouped head; the struct's nulls mean exactly that here.
     labels = _labels_for(train)
     ids, _ = tokenize(tokenizer, train.column("text").to_pylist(), 128)
     model.eval()

@@ -59,8 +59,27 @@ def output_schema(
         "model": model_identity,
         "text_columns": text_columns,
         "heads": [
-            {"name": s.name, "kind": s.kind, "labels": s.labels, "groups": s.groups, "columns": [c for c, _ in output_columns(s)]}
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "labels": s.labels,
+                "groups": s.groups,
+                "columns": [c for c, _ in output_columns(s)],
+                "spec": s.to_dict(),
+            }
             for s in specs
         ],
     }
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta).encode()})
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """The ``mtcls`` metadata of a scoring output's schema.
+
+    Raises:
+        ValueError: If the schema was not written by the scoring job.
+    """
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("the table has no 'mtcls' schema metadata: is it the output of jobs.score?")
+    return json.loads(raw)
