@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import load_config
+from pipelines.evaluation import EvalConfig
 from pipelines.scoring import ScoreConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_CLASSES = {"score": ScoreConfig}
+CONFIG_CLASSES = {"score": ScoreConfig, "evaluate": EvalConfig}
 YAMLS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
 
 
