@@ -93,6 +93,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"key {key!r}: expected {tp.__name__}, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):

@@ -1,0 +1,303 @@
+"""Training config and data preparation: label columns -> validated heads -> tokenized Ray Datasets.
+
+Several training files can be given; each may be labelled for some heads only (a file without a
+head's column, or a null value, is "no label" for that head: card 001, OLID). Label sets come from
+the config or are inferred from the training data. Everything is checked on the driver before a
+worker starts: a missing label column, a label outside a configured set, an empty training set, a
+validation set with no label for some head all fail here, naming the column or head.
+
+The prepared data is held in driver memory (token ids and encoded labels), then handed to Ray Train
+as Ray Datasets that every worker reads its shard of.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mtcls import HeadSpec, HeadSpecError, encode_labels, join_texts, tokenize
+from pipelines.config import ConfigError
+from pipelines.storage import InputError, list_parquet_files, locate
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(HeadSpec)}
+
+
+@dataclass
+class TrainConfig:
+    """Config of ``jobs.train``.
+
+    Attributes:
+        train: Training Parquet files or directories (any fsspec URI); several may be labelled for
+            different heads. Empty: the embedded demo corpus.
+        validation: Validation Parquet; empty: ``validation_fraction`` of the training rows.
+        validation_fraction: Share of training rows held out when ``validation`` is empty.
+        output: Model directory URI (``save_pretrained`` + tokenizer + training_summary.json + plots).
+        encoder: Encoder directory (any Hugging Face encoder); empty: the packaged all-MiniLM-L6-v2.
+        init_model: Start from a saved mtcls model instead (its heads are kept; new heads are added).
+        heads: Head specs (see ``mtcls.HeadSpec``) plus ``column``: the label column (default: the
+            head's name). ``labels`` may be omitted to infer them from the training data.
+        text_columns: Text columns, joined with the tokenizer's separator.
+        pooling: ``mean`` or ``cls``.
+        max_length: Token limit.
+        epochs, batch_size, learning_rate, weight_decay, warmup_ratio: Optimisation (AdamW, linear
+            warm-up then linear decay).
+        gradient_accumulation: Micro-batches per optimizer step.
+        max_grad_norm: Gradient clipping (0 = off).
+        precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), or explicit.
+        freeze_encoder: Train the heads only (card 004).
+        early_stopping_patience: Stop after this many epochs without improvement (0 = off).
+        best_metric: ``mean_macro_f1`` (card 002) or ``<head>_macro_f1``; the best epoch is exported.
+        num_workers: Ray Train workers (DDP). use_gpu: one GPU per worker.
+        max_failures: Worker failures survived by resuming from the last checkpoint.
+        storage_path: Where Ray Train keeps checkpoints (a shared URI on a cluster).
+        max_train_rows: Cap on training rows (0 = all), for quick runs.
+        seed: Random seed.
+    """
+
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    validation_fraction: float = 0.1
+    output: str = "outputs/model"
+    encoder: str = ""
+    init_model: str = ""
+    heads: list[dict[str, Any]] = field(default_factory=list)
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    pooling: str = "mean"
+    max_length: int = 128
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    freeze_encoder: bool = False
+    early_stopping_patience: int = 0
+    best_metric: str = "mean_macro_f1"
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+    storage_path: str = ""
+    max_train_rows: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.heads and self.train:
+            raise ConfigError("key 'heads': at least one head is required")
+        for i, head in enumerate(self.heads):
+            if not isinstance(head, dict):
+                raise ConfigError(f"key 'heads[{i}]': expected a mapping, got {head!r}")
+            unknown = sorted(set(head) - _SPEC_FIELDS - {"column"})
+            if unknown:
+                raise ConfigError(f"key 'heads[{i}]' ({head.get('name')!r}): unknown field(s) {unknown}")
+            for req in ("name", "kind"):
+                if req not in head:
+                    raise ConfigError(f"key 'heads[{i}]': missing {req!r}")
+            if "labels" in head:
+                try:
+                    HeadSpec.from_dict({k: v for k, v in head.items() if k != "column"})
+                except HeadSpecError as exc:
+                    raise ConfigError(f"key 'heads[{i}]': {exc}") from exc
+            elif head["kind"] == "distribution":
+                raise ConfigError(f"key 'heads[{i}]' ({head['name']!r}): a distribution head needs 'labels' (they cannot be inferred)")
+        for key in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"key 'validation_fraction': must be in (0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"key 'learning_rate': must be > 0, got {self.learning_rate}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"key 'pooling': expected 'mean' or 'cls', got {self.pooling!r}")
+        names = [h["name"] for h in self.heads]
+        if self.best_metric != "mean_macro_f1" and self.best_metric not in [f"{n}_macro_f1" for n in names]:
+            raise ConfigError(f"key 'best_metric': expected 'mean_macro_f1' or '<head>_macro_f1' for heads {names}, got {self.best_metric!r}")
+
+    def head_column(self, head: dict[str, Any]) -> str:
+        return head.get("column") or head["name"]
+
+
+def read_tables(uris: list[str], columns: list[str], what: str) -> list[tuple[str, pa.Table]]:
+    """Reads the wanted columns (those present) of every Parquet file under the URIs."""
+    out = []
+    for uri in uris:
+        loc = locate(uri)
+        for path in list_parquet_files(loc):
+            try:
+                with loc.fs.open(path, "rb") as fh:
+                    pf = pq.ParquetFile(fh)
+                    present = [c for c in columns if c in pf.schema_arrow.names]
+                    table = pf.read(columns=present)
+            except Exception as exc:  # noqa: BLE001 - name the file whatever pyarrow raised
+                raise InputError(f"cannot read {what} Parquet file {loc.uri(path)!r}: {exc}") from exc
+            out.append((loc.uri(path), table))
+    return out
+
+
+def _values(table: pa.Table, column: str) -> list[Any]:
+    return table.column(column).to_pylist() if column in table.column_names else [None] * table.num_rows
+
+
+def infer_labels(kind: str, values: list[Any]) -> tuple[list[str], Optional[list[str]]]:
+    """Sorted label names (and group names for grouped heads) seen in a label column."""
+    labels: set[str] = set()
+    groups: list[str] = []
+    for v in values:
+        if v is None:
+            continue
+        if kind == "multilabel":
+            labels.update(str(x) for x in v)
+        elif kind == "grouped":
+            items = v.items() if isinstance(v, dict) else v
+            for g, label in items:
+                if g not in groups:
+                    groups.append(g)
+                if label is not None:
+                    labels.add(str(label))
+        else:
+            labels.add(str(v))
+    return sorted(labels), (groups if kind == "grouped" else None)
+
+
+def label_counts(spec: HeadSpec, encoded: np.ndarray) -> tuple[list[int], int]:
+    """Per-label counts and number of labelled rows/decisions (for "balanced" weights)."""
+    if spec.kind == "binary":
+        y = encoded[encoded >= 0]
+        return [int((y == 0).sum()), int((y == 1).sum())], int(len(y))
+    if spec.kind == "multilabel":
+        rows = encoded[(encoded >= 0).all(axis=1)]
+        return [int(c) for c in rows.sum(axis=0)], int(len(rows))
+    y = encoded[encoded >= 0]
+    return [int((y == k).sum()) for k in range(spec.num_labels)], int(len(y))
+
+
+@dataclass
+class PreparedData:
+    """Token ids and encoded labels, ready for Ray Datasets."""
+
+    specs: list[HeadSpec]
+    train: pa.Table
+    validation: pa.Table
+    skipped_rows: dict[str, int]
+    label_rows: dict[str, dict[str, int]]
+
+
+def _encode_split(tables: list[tuple[str, pa.Table]], cfg: TrainConfig, specs: list[HeadSpec], tokenizer: Any,
+                  separator: str, split: str) -> tuple[pa.Table, int]:
+    ids_all: list[list[int]] = []
+    labels_all: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
+    skipped = 0
+    columns = {h["name"]: cfg.head_column(h) for h in cfg.heads}
+    for uri, table in tables:
+        present = [c for c in cfg.text_columns if c in table.column_names]
+        if not present:
+            raise InputError(f"{split} file {uri!r} has none of the text columns {cfg.text_columns}; its columns: {table.column_names}")
+        texts, errors = join_texts({c: _values(table, c) for c in cfg.text_columns}, separator)
+        keep = np.array([e is None for e in errors])
+        skipped += int((~keep).sum())
+        ids, _ = tokenize(tokenizer, [t for t in texts if t is not None], cfg.max_length)
+        ids_all.extend(ids)
+        for spec in specs:
+            try:
+                enc = encode_labels(spec, _values(table, columns[spec.name]))
+            except ValueError as exc:
+                raise InputError(f"{split} file {uri!r}, column {columns[spec.name]!r}: {exc}") from exc
+            labels_all[spec.name].append(enc[keep].reshape(int(keep.sum()), -1).astype(np.float32))
+    arrays = {"input_ids": pa.array(ids_all, pa.list_(pa.int32()))}
+    for spec in specs:
+        stacked = np.concatenate(labels_all[spec.name]) if labels_all[spec.name] else np.zeros((0, 1), np.float32)
+        arrays[f"y_{spec.name}"] = pa.array(list(stacked), pa.list_(pa.float32()))
+    return pa.table(arrays), skipped
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: Optional[list[HeadSpec]] = None) -> PreparedData:
+    """Reads, validates and encodes the training and validation data (see module docstring).
+
+    Args:
+        cfg: Validated config.
+        tokenizer: The encoder's tokenizer.
+        separator: Joins several text columns.
+        base_specs: Heads of ``init_model`` (kept as they are; config heads of the same name replace
+            nothing and must match).
+
+    Returns:
+        The prepared data with the final head specs (labels resolved, balanced weights computed).
+    """
+    label_cols = [cfg.head_column(h) for h in cfg.heads]
+    wanted = list(dict.fromkeys([*cfg.text_columns, *label_cols]))
+    train_tables = read_tables(cfg.train, wanted, "training")
+    rows = sum(t.num_rows for _, t in train_tables)
+    if rows == 0:
+        raise InputError(f"the training set {cfg.train} is empty")
+    for head, col in zip(cfg.heads, label_cols):
+        if not any(col in t.column_names for _, t in train_tables):
+            raise InputError(f"head {head['name']!r}: label column {col!r} is in none of the training files {cfg.train}")
+
+    specs = list(base_specs or [])
+    for head, col in zip(cfg.heads, label_cols):
+        data = {k: v for k, v in head.items() if k != "column"}
+        if "labels" not in data:
+            values = [v for _, t in train_tables for v in _values(t, col)]
+            data["labels"], groups = infer_labels(head["kind"], values)
+            if groups is not None and "groups" not in data:
+                data["groups"] = groups
+            if not data["labels"]:
+                raise InputError(f"head {head['name']!r}: column {col!r} has no labels in the training data")
+        specs.append(HeadSpec.from_dict(data))
+
+    if cfg.max_train_rows:
+        capped, budget = [], cfg.max_train_rows
+        for uri, t in train_tables:
+            if budget > 0:
+                capped.append((uri, t.slice(0, budget)))
+                budget -= min(budget, t.num_rows)
+        train_tables = capped
+    if cfg.validation:
+        val_tables = read_tables(cfg.validation, wanted, "validation")
+    else:
+        val_tables, kept = [], []
+        for uri, t in train_tables:
+            # A stable hash of the row position picks the held-out rows, the same on every run.
+            pick = np.array([int(hashlib.md5(f"{uri}:{i}".encode()).hexdigest()[:8], 16) % 10_000 < cfg.validation_fraction * 10_000 for i in range(t.num_rows)])
+            val_tables.append((uri, t.filter(pa.array(pick))))
+            kept.append((uri, t.filter(pa.array(~pick))))
+        train_tables = kept
+
+    train, skipped_train = _encode_split(train_tables, cfg, specs, tokenizer, separator, "training")
+    if train.num_rows == 0:
+        raise InputError("no training row has text: every row's text columns are null or empty")
+    validation, skipped_val = _encode_split(val_tables, cfg, specs, tokenizer, separator, "validation")
+    label_rows = {}
+    for spec in specs:
+        counts = {}
+        for split, table in (("train", train), ("validation", validation)):
+            y = np.array(table.column(f"y_{spec.name}").to_pylist(), dtype=np.float32).reshape(table.num_rows, -1)
+            counts[split] = int((y >= 0).any(axis=1).sum()) if len(y) else 0
+        label_rows[spec.name] = counts
+        if counts["validation"] == 0:
+            raise InputError(f"head {spec.name!r}: the validation set has no label for this head; add labelled rows or drop the head")
+
+    resolved = []
+    for spec in specs:
+        if "balanced" in (spec.class_weights, spec.pos_weight):
+            y = np.array(train.column(f"y_{spec.name}").to_pylist(), dtype=np.float32)
+            if spec.kind in ("multilabel", "grouped"):
+                y = y.reshape(len(y), -1)
+            else:
+                y = y.reshape(-1)
+            counts, total = label_counts(spec, y)
+            spec = spec.resolve_balanced(counts, total)
+        resolved.append(spec)
+    return PreparedData(resolved, train, validation, {"train": skipped_train, "validation": skipped_val}, label_rows)

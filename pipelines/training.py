@@ -1,0 +1,161 @@
+"""Fine-tuning on Ray Train: prepare data on the driver, run the DDP loop, export the best epoch.
+
+The output directory is what ``jobs.score`` loads as is: ``config.json`` + ``model.safetensors`` +
+the tokenizer, plus ``training_summary.json`` (per-epoch metrics and per-head reports) and one
+``<head>_training.png`` (loss and macro-F1 per epoch) per head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from mtcls import MultiTaskModel, default_encoder_path
+from pipelines.scoring import localize_model, read_model_files
+from pipelines.storage import locate, write_json
+from pipelines.train_data import TrainConfig, prepare_data
+from pipelines.train_loop import STATE_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def build_initial_model(cfg: TrainConfig, specs: list, target: Path, tokenizer: Any) -> None:
+    """Saves the starting model (pretrained encoder + new heads, or ``init_model`` + added heads)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_model:
+        model = MultiTaskModel.from_pretrained(localize_model(cfg.init_model))
+        for spec in specs:
+            if spec.name not in model.specs:
+                model.add_head(spec)
+    else:
+        encoder = cfg.encoder or str(default_encoder_path())
+        model = MultiTaskModel.from_encoder(localize_model(encoder) if "://" in encoder else encoder, specs,
+                                            pooling=cfg.pooling, max_seq_length=cfg.max_length)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def plot_history(history: list[dict[str, Any]], head: str, path: str) -> None:
+    """Training loss and validation macro-F1 per epoch for one head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [h[f"{head}_train_loss"] for h in history], "o-", label="train loss", color="tab:red")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h[f"{head}_macro_f1"] for h in history], "s-", label="validation macro-F1", color="tab:blue")
+    ax2.set_ylabel("validation macro-F1")
+    ax2.set_ylim(0, 1)
+    ax.set_title(head)
+    fig.legend(loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains and exports the best model. Ray must be initialised.
+
+    Returns:
+        The training summary (also written to ``<output>/training_summary.json``).
+    """
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="mtcls-train-"))
+    source = localize_model(cfg.init_model) if cfg.init_model else Path(cfg.encoder or default_encoder_path())
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    base_specs = MultiTaskModel.config_class.from_pretrained(source).head_specs() if cfg.init_model else None
+    separator = f" {tokenizer.sep_token or ' '} "
+    data = prepare_data(cfg, tokenizer, separator, base_specs)
+    new_specs = data.specs[len(base_specs or []):]
+    build_initial_model(cfg, new_specs if cfg.init_model else data.specs, work / "init", tokenizer)
+    log.info("training rows %d, validation rows %d, skipped (no text) %s", data.train.num_rows, data.validation.num_rows, data.skipped_rows)
+
+    validation = data.validation.append_column("row", pa.array(range(data.validation.num_rows), pa.int64()))
+    datasets = {"train": ray.data.from_arrow(data.train), "validation": ray.data.from_arrow(validation)}
+    cpus = ray.cluster_resources().get("CPU", 1)
+    storage = cfg.storage_path or os.path.abspath("outputs/ray_train")
+    run_name = f"mtcls-{int(started)}"
+    loop_config = {
+        "specs": [s.to_dict() for s in data.specs],
+        "init_files": [ray.put(read_model_files(work / "init"))],
+        "train_rows": data.train.num_rows,
+        "pad_token_id": tokenizer.pad_token_id or 0,
+        "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
+        "fault_epoch": int(os.environ.get("MTCLS_FAULT_EPOCH", "-1")),
+        "fault_marker": str(work / "fault-injected"),
+        **{k: getattr(cfg, k) for k in ("seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
+                                         "gradient_accumulation", "warmup_ratio", "precision", "max_grad_norm",
+                                         "early_stopping_patience", "best_metric")},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.best_metric, checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.best_metric])
+    with result.checkpoint.as_directory() as last:
+        final_state = torch.load(Path(last) / STATE_FILE, weights_only=True)
+    history = final_state["history"]
+
+    out = locate(cfg.output)
+    out.fs.makedirs(out.path, exist_ok=True)
+    with best_ckpt.as_directory() as best_dir:
+        for name in ("config.json", "model.safetensors"):
+            out.fs.put(str(Path(best_dir) / name), posixpath.join(out.path, name))
+    for f in (work / "init").iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            out.fs.put(str(f), posixpath.join(out.path, f.name))  # tokenizer files
+
+    summary = {
+        "output": cfg.output,
+        "best_epoch": best_metrics["epoch"],
+        "best_metric": cfg.best_metric,
+        "best_score": best_metrics[cfg.best_metric],
+        "best_metrics": {k: v for k, v in best_metrics.items() if not isinstance(v, dict)},
+        "epochs": [{k: v for k, v in h.items() if k != "reports"} for h in history],
+        "best_reports": next(h["reports"] for h in history if h["epoch"] == best_metrics["epoch"]),
+        "heads": [s.to_dict() for s in data.specs],
+        "rows": {"train": data.train.num_rows, "validation": data.validation.num_rows},
+        "label_rows": data.label_rows,
+        "skipped_rows_without_text": data.skipped_rows,
+        "resumed_after_failure": final_state["resumes"],
+        "train_examples_per_s": data.train.num_rows * len(history) / max(time.time() - started, 1e-9),
+        "seconds": time.time() - started,
+        "ray_train_run": posixpath.join(storage, run_name),
+    }
+    write_json(out.join("training_summary.json"), summary)
+    for spec in data.specs:
+        local = str(work / f"{spec.name}_training.png")
+        plot_history(summary["epochs"], spec.name, local)
+        out.fs.put(local, out.join(f"{spec.name}_training.png").path)
+    return summary
