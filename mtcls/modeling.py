@@ -143,17 +143,25 @@ class MultiTaskModel(PreTrainedModel):
             # down another kernel and changes the last bits of the logits; own aligned copies.
             for p in model.parameters():
                 p.data = p.data.clone()
+        # Non-persistent buffers are not in the file; under meta-device loading they come back
+        # uninitialised, so rebuild them from the config.
+        for spec in model.specs.values():
+            model._register_weight_buffers(spec)
         return loaded
 
     def _build_head(self, spec: HeadSpec) -> None:
         extra = sum(self.specs[src].num_probs for src in spec.inputs_from)
         self.heads[_key(spec.name)] = ClassificationHead(spec, self.config.hidden_size + extra)
         self.specs[spec.name] = spec
+        self._register_weight_buffers(spec)
+
+    def _register_weight_buffers(self, spec: HeadSpec) -> None:
+        device = next(self.heads[_key(spec.name)].parameters()).device
         for attr in ("class_weights", "pos_weight"):
             value = getattr(spec, attr)
             tensor = None
             if isinstance(value, (list, float)):
-                tensor = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float32)
+                tensor = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float32, device=device)
             # Not persistent: the values live in the config, the buffer only follows .to(device).
             self.register_buffer(f"_{attr}_{spec.name}", tensor, persistent=False)
 
@@ -168,6 +176,7 @@ class MultiTaskModel(PreTrainedModel):
         self._build_head(spec)
         self.heads[_key(spec.name)].apply(self._init_weights)
         self.heads[_key(spec.name)].to(next(self.encoder.parameters()).device)
+        self._register_weight_buffers(spec)  # on the head's (now final) device
         self.config.heads = self.config.heads + [spec.to_dict()]
 
     def set_head_spec(self, spec: HeadSpec) -> None:

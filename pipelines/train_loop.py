@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for name, value in out.head_losses.items():
                 sums[name] += float(value)
             batches += 1
+            _maybe_fail(config, epoch)
             if (i + 1) % accum == 0:
                 _step(scaler, optimizer, scheduler, params, config["max_grad_norm"])
         if batches % accum:
@@ -177,7 +179,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
-        _maybe_fail(config, epoch)
         patience = config["early_stopping_patience"]
         if patience and state["bad_epochs"] >= patience:
             log.info("early stopping after epoch %d: no improvement of %s for %d epochs", epoch, config["best_metric"], patience)
@@ -195,8 +196,12 @@ def _step(scaler: Any, optimizer: Any, scheduler: Any, params: list, max_norm: f
 
 
 def _maybe_fail(config: dict[str, Any], epoch: int) -> None:
-    """Fault injection for tests: kill this worker process once, after the given epoch's checkpoint."""
+    """Fault injection for tests (``MTCLS_FAULT_EPOCH``): kill this worker process once, mid-epoch."""
     marker = config.get("fault_marker")
     if config.get("fault_epoch", -1) == epoch and marker and not os.path.exists(marker):
         Path(marker).write_text("killed")
+        # Ray Train's controller collects reports on its health-check poll (every 2 s); a worker
+        # that dies sooner after reporting loses that report, so die a little later, as a real
+        # failure mid-epoch would.
+        time.sleep(5)
         os._exit(1)

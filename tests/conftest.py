@@ -67,3 +67,15 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory, tokenizer):
+    """A saved tiny random BERT encoder with the packaged tokenizer: what `encoder=` points at."""
+    from transformers import AutoModel
+
+    path = tmp_path_factory.mktemp("tiny_encoder")
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_encoder_config()).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

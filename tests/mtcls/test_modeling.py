@@ -182,3 +182,19 @@ def test_packaged_minilm_end_to_end(tmp_path, tokenizer):
     # The pretrained encoder weights were loaded, not re-initialised by the wrapper.
     reference = AutoModel.from_pretrained(str(mtcls.default_encoder_path()))
     assert torch.equal(reference.embeddings.word_embeddings.weight, model.encoder.embeddings.word_embeddings.weight)
+
+
+def test_class_and_positive_weights_survive_save_and_load(tmp_path):
+    heads = [
+        {"name": "c", "kind": "multiclass", "labels": ["a", "b", "d"], "class_weights": [0.5, 2.0, 1.5]},
+        {"name": "m", "kind": "multilabel", "labels": ["x", "y"], "pos_weight": [3.0, 0.25]},
+        {"name": "b", "kind": "binary", "labels": ["n", "p"], "pos_weight": 4.0},
+    ]
+    tiny_model(heads=heads).save_pretrained(tmp_path)
+    loaded = MultiTaskModel.from_pretrained(tmp_path)
+    assert loaded._class_weights_c.tolist() == [0.5, 2.0, 1.5]
+    assert loaded._pos_weight_m.tolist() == [3.0, 0.25]
+    assert loaded._pos_weight_b.tolist() == [4.0]
+    ids, mask = batch()
+    labels = {"m": torch.ones(6, 2), "c": torch.zeros(6, dtype=torch.long)}
+    assert torch.isfinite(loaded(ids, mask, labels=labels).loss)

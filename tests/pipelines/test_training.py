@@ -1,0 +1,127 @@
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+import mtcls
+from jobs import train as train_job
+from pipelines.config import ConfigError, load_config
+from pipelines.storage import InputError
+from pipelines.train_data import TrainConfig
+
+WORDS = {"pos": ["great", "lovely", "excellent", "superb"], "neg": ["awful", "broken", "terrible", "bad"]}
+TOPICS = {"sport": ["match", "goal", "team"], "tech": ["phone", "laptop", "chip"]}
+
+
+def make_rows(n, seed, with_sentiment=True, with_topics=True):
+    rng = random.Random(seed)
+    rows = {"id": [], "text": [], "sentiment": [], "topics": []}
+    for i in range(n):
+        s = rng.choice(["pos", "neg"])
+        topics = sorted(rng.sample(list(TOPICS), rng.choice([1, 2])))
+        words = [rng.choice(WORDS[s])] + [rng.choice(TOPICS[t]) for t in topics] + ["the", "a", "it"]
+        rng.shuffle(words)
+        rows["id"].append(f"{seed}-{i}")
+        rows["text"].append(" ".join(words))
+        rows["sentiment"].append(s)
+        rows["topics"].append(topics)
+    table = pa.table({"id": rows["id"], "text": rows["text"], "sentiment": rows["sentiment"], "topics": pa.array(rows["topics"], pa.list_(pa.string()))})
+    if not with_sentiment:
+        table = table.drop_columns(["sentiment"])
+    if not with_topics:
+        table = table.drop_columns(["topics"])
+    return table
+
+
+HEADS = json.dumps([{"name": "sentiment", "kind": "multiclass", "class_weights": "balanced"},
+                    {"name": "topics", "kind": "multilabel", "pos_weight": "balanced"}])
+
+
+def train(tmp_path, encoder, *extra):
+    args = [f"output={tmp_path / 'model'}", f"encoder={encoder}", f"heads={HEADS}", f"storage_path={tmp_path / 'rt'}",
+            "batch_size=16", "learning_rate=0.003", "warmup_ratio=0.0", "max_failures=1", *extra]
+    return train_job.main(args)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    pq.write_table(make_rows(160, 1), tmp_path / "train.parquet")
+    pq.write_table(make_rows(60, 2), tmp_path / "val.parquet")
+    return tmp_path
+
+
+def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data, tiny_encoder_dir, ray_local):
+    summary = train(data, tiny_encoder_dir, f"train=[{data / 'train.parquet'}]", f"validation=[{data / 'val.parquet'}]", "epochs=6", "learning_rate=0.005")
+    losses = [e["train_loss"] for e in summary["epochs"]]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert summary["best_metrics"]["sentiment_macro_f1"] > 0.6
+    # The exported model is the best epoch; scoring it again gives exactly the reported metrics.
+    model = mtcls.MultiTaskModel.from_pretrained(data / "model")
+    tok = AutoTokenizer.from_pretrained(data / "model")
+    val = pq.read_table(data / "val.parquet")
+    cols = mtcls.predict_texts(model, tok, val.column("text").to_pylist())
+    spec = model.specs["sentiment"]
+    y = mtcls.encode_labels(spec, val.column("sentiment").to_pylist())
+    probs = np.array(cols["sentiment_probs"])
+    macro = mtcls.head_report(spec, mtcls.head_statistics(spec, y, probs))["macro_f1"]
+    assert macro == pytest.approx(summary["best_metrics"]["sentiment_macro_f1"], abs=1e-9)
+    # Balanced weights were resolved from label counts and saved with the model.
+    assert isinstance(model.specs["sentiment"].class_weights, list)
+    assert sorted(model.specs["topics"].labels) == ["sport", "tech"]
+    assert (data / "model" / "sentiment_training.png").stat().st_size > 5000
+    assert (data / "model" / "tokenizer.json").exists()
+
+
+def test_resumes_from_the_last_checkpoint_after_a_worker_is_killed(data, tiny_encoder_dir, ray_local, monkeypatch):
+    monkeypatch.setenv("MTCLS_FAULT_EPOCH", "1")  # the worker process exits during epoch 1
+    summary = train(data, tiny_encoder_dir, f"train=[{data / 'train.parquet'}]", f"validation=[{data / 'val.parquet'}]", "epochs=2")
+    assert summary["resumed_after_failure"] == 1
+    assert [e["epoch"] for e in summary["epochs"]] == [0, 1]
+
+
+def test_datasets_labelled_for_different_heads(tmp_path, tiny_encoder_dir, ray_local):
+    pq.write_table(make_rows(80, 3, with_topics=False), tmp_path / "a.parquet")
+    pq.write_table(make_rows(80, 4, with_sentiment=False), tmp_path / "b.parquet")
+    table = make_rows(40, 5).to_pylist()
+    table[0]["text"] = None  # skipped and counted, not a crash
+    pq.write_table(pa.Table.from_pylist(table, schema=make_rows(1, 0).schema), tmp_path / "val.parquet")
+    summary = train(tmp_path, tiny_encoder_dir, f"train=[{tmp_path / 'a.parquet'},{tmp_path / 'b.parquet'}]",
+                    f"validation=[{tmp_path / 'val.parquet'}]", "epochs=2")
+    assert summary["label_rows"]["sentiment"]["train"] == 80 and summary["label_rows"]["topics"]["train"] == 80
+    assert summary["rows"]["train"] == 160 and summary["skipped_rows_without_text"]["validation"] == 1
+    assert all(np.isfinite(e["train_loss"]) for e in summary["epochs"])
+
+
+def test_bad_training_inputs_fail_before_training(tmp_path, tiny_encoder_dir, ray_local):
+    pq.write_table(make_rows(30, 1), tmp_path / "train.parquet")
+    pq.write_table(make_rows(10, 2, with_topics=False), tmp_path / "val_no_topics.parquet")
+    pq.write_table(make_rows(0, 2), tmp_path / "empty.parquet")
+    base = [f"train=[{tmp_path / 'train.parquet'}]"]
+    with pytest.raises(InputError, match="head 'sentiment': label column 'mood' is in none of the training files"):
+        train(tmp_path, tiny_encoder_dir, *base, 'heads=[{name: sentiment, kind: multiclass, column: mood}]')
+    with pytest.raises(InputError, match="head 'sentiment': row .*: label 'neg' is not one of"):
+        train(tmp_path, tiny_encoder_dir, *base, 'heads=[{name: sentiment, kind: multiclass, labels: [pos, neutral]}]')
+    with pytest.raises(InputError, match="training set .* is empty"):
+        train(tmp_path, tiny_encoder_dir, f"train=[{tmp_path / 'empty.parquet'}]")
+    with pytest.raises(InputError, match="head 'topics': the validation set has no label"):
+        train(tmp_path, tiny_encoder_dir, *base, f"validation=[{tmp_path / 'val_no_topics.parquet'}]")
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ('heads=[{name: h, kind: multiclass, labelz: [a]}]', r"heads\[0\].*unknown field\(s\) \['labelz'\]"),
+        ('heads=[{name: h, kind: distribution}]', "distribution head needs 'labels'"),
+        ('heads=[{name: h, kind: multiclass, labels: [a, a]}]', "duplicate label name 'a'"),
+        ("best_metric=accuracy", "key 'best_metric'"),
+        ("epochs=0", "key 'epochs'"),
+    ],
+)
+def test_bad_training_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, ["train=[x.parquet]", 'heads=[{name: h, kind: multiclass}]', override])
