@@ -146,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"] + 1, config["epochs"]):
         model.train()
         sums = {s.name: 0.0 for s in specs}
-        total_loss, batches = 0.0, 0
+        total_loss, batches, rows, epoch_start = 0.0, 0, 0, time.perf_counter()
         for i, batch in enumerate(train_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
                                                            local_shuffle_buffer_size=2048, local_shuffle_seed=config["seed"] + epoch)):
             ids, mask = _pad(batch["input_ids"], pad_id)
@@ -158,14 +158,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for name, value in out.head_losses.items():
                 sums[name] += float(value)
             batches += 1
+            rows += len(ids)
             _maybe_fail(config, epoch)
             if (i + 1) % accum == 0:
                 _step(scaler, optimizer, scheduler, params, config["max_grad_norm"])
         if batches % accum:
             _step(scaler, optimizer, scheduler, params, config["max_grad_norm"])
+        train_seconds = time.perf_counter() - epoch_start
 
         result = validate(model, val_shard, specs, config["batch_size"] * 2, pad_id, device, rank, world)
         metrics = {"epoch": epoch, "train_loss": total_loss / max(batches, 1),
+                   "train_examples_per_s": rows * world / max(train_seconds, 1e-9),
                    **{f"{n}_train_loss": v / max(batches, 1) for n, v in sums.items()}, **result["metrics"]}
         score = metrics[config["best_metric"]]
         improved = state["best"] is None or score > state["best"]

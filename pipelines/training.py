@@ -149,7 +149,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "label_rows": data.label_rows,
         "skipped_rows_without_text": data.skipped_rows,
         "resumed_after_failure": final_state["resumes"],
-        "train_examples_per_s": data.train.num_rows * len(history) / max(time.time() - started, 1e-9),
+        "train_examples_per_s": float(sum(h["train_examples_per_s"] for h in history) / len(history)),
         "seconds": time.time() - started,
         "ray_train_run": posixpath.join(storage, run_name),
     }

@@ -7,9 +7,10 @@ import pytest
 from pipelines.config import load_config
 from pipelines.evaluation import EvalConfig
 from pipelines.scoring import ScoreConfig
+from pipelines.train_data import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_CLASSES = {"score": ScoreConfig, "evaluate": EvalConfig}
+CONFIG_CLASSES = {"score": ScoreConfig, "evaluate": EvalConfig, "train": TrainConfig}
 YAMLS = sorted((ROOT / "jobs" / "configs").rglob("*.yaml"))
 
 

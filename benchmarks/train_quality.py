@@ -1,0 +1,131 @@
+"""Fine-tuning quality on real data and training throughput, printed as JSON.
+
+    python benchmarks/train_quality.py --dataset olid        [key=value overrides for the train config]
+    python benchmarks/train_quality.py --dataset goemotions
+
+Trains the packaged all-MiniLM-L6-v2 with ``jobs/configs/train/<dataset>.yaml`` through the real
+training job (Ray Train, one CPU worker here), evaluates the exported model on the dataset's test
+split through the evaluation job, and compares per-head macro-F1 with the targets and the published
+references in ../shared/data/README.md. In the same run, a plain transformers ``Trainer`` fine-tunes
+one single-head model on the same rows for ``--baseline-steps`` steps, for training throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {
+    "olid": {"subtask_a": 0.75, "subtask_b": 0.60, "subtask_c": 0.50},
+    "goemotions": {"emotions": 0.40},
+}
+PUBLISHED = {
+    "olid": {"subtask_a": 0.829, "subtask_b": 0.755, "subtask_c": 0.660, "source": "best OffensEval 2019 systems"},
+    "goemotions": {"emotions": 0.46, "source": "BERT-base, GoEmotions paper"},
+}
+TEST = {"olid": "../shared/data/olid/test.parquet", "goemotions": "../shared/data/goemotions/test.parquet"}
+
+
+def baseline_throughput(cfg, steps: int) -> float:
+    """examples/s of transformers' Trainer fine-tuning one single-head MiniLM on the first head."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    import mtcls
+
+    head = cfg.heads[0]
+    encoder = str(mtcls.default_encoder_path())
+    tok = AutoTokenizer.from_pretrained(encoder)
+    table = pq.read_table(ROOT / cfg.train[0], columns=[*cfg.text_columns, head.get("column") or head["name"]])
+    texts = table.column(cfg.text_columns[0]).to_pylist()
+    raw = table.column(head.get("column") or head["name"]).to_pylist()
+    multilabel = head["kind"] == "multilabel"
+    labels = sorted({l for v in raw if v for l in (v if multilabel else [v])})
+    rows = []
+    for text, value in zip(texts, raw):
+        if not text or value is None:
+            continue
+        enc = tok(text, truncation=True, max_length=cfg.max_length)
+        if multilabel:
+            enc["labels"] = [float(l in value) for l in labels]
+        else:
+            enc["labels"] = labels.index(value)
+        rows.append(enc)
+        if len(rows) >= steps * cfg.batch_size:
+            break
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder, num_labels=len(labels), problem_type="multi_label_classification" if multilabel else None
+    )
+    from transformers import DataCollatorWithPadding
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
+                             learning_rate=cfg.learning_rate, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
+    start = time.perf_counter()
+    trainer.train()
+    return len(rows) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", choices=sorted(TARGETS), required=True)
+    parser.add_argument("--baseline-steps", type=int, default=100)
+    parser.add_argument("overrides", nargs="*", help="train config overrides, key=value")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.chdir(ROOT)
+    if not Path(TEST[args.dataset]).is_file():
+        print(json.dumps({"skipped": f"{TEST[args.dataset]} not found (needs ../shared/data)"}))
+        return
+
+    import ray
+    import torch
+
+    from jobs import evaluate as evaluate_job
+    from pipelines.config import load_config
+    from pipelines.train_data import TrainConfig
+    from pipelines.training import run_training
+
+    work = Path(tempfile.mkdtemp(prefix=f"mtcls-{args.dataset}-"))
+    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{args.dataset}.yaml",
+                      [f"output={work / 'model'}", f"storage_path={work / 'ray_train'}", *args.overrides])
+    ray.init(include_dashboard=False, log_to_driver=False)
+    start = time.time()
+    summary = run_training(cfg)
+    train_minutes = (time.time() - start) / 60
+    report = evaluate_job.main([f"data={TEST[args.dataset]}", f"model={work / 'model'}", f"output={work / 'report'}",
+                                f"text_columns={json.dumps(cfg.text_columns)}", "plots=false", "progress=false"])
+    ray.shutdown()
+    torch.set_num_threads(os.cpu_count() or 1)
+    baseline = baseline_throughput(cfg, args.baseline_steps)
+    test_f1 = {h: r["macro_f1"] for h, r in report["heads"].items()}
+    print(json.dumps({
+        "dataset": args.dataset,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__, "ray": ray.__version__},
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("output", "storage_path")},
+        "train_minutes": train_minutes,
+        "best_epoch": summary["best_epoch"],
+        "validation_best": summary["best_metrics"],
+        "test_macro_f1": test_f1,
+        "targets": TARGETS[args.dataset],
+        "targets_met": {h: test_f1.get(h, 0) >= t for h, t in TARGETS[args.dataset].items()},
+        "published": PUBLISHED[args.dataset],
+        "train_examples_per_s": summary["train_examples_per_s"],
+        "hf_trainer_single_head_examples_per_s": baseline,
+        "throughput_ratio_vs_single_head_trainer": summary["train_examples_per_s"] / baseline,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
