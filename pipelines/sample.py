@@ -1,10 +1,10 @@
-"""The embedded default: a generated, labelled review corpus and a model fitted to it.
+"""The embedded default: a generated, labelled review corpus and a model trained on it.
 
 Nothing is downloaded. The corpus is generated from templates with a fixed seed; the default model
-is the packaged all-MiniLM-L6-v2 encoder (frozen) with four heads, one of each of the kinds
-binary, multiclass, multilabel and grouped, fitted on the encoder's pooled features of the corpus's
-train split (card 004's frozen-encoder recipe). Both are built once into a cache directory
-(``$MTCLS_CACHE``, default ``~/.cache/mtcls``) and reused.
+is the packaged all-MiniLM-L6-v2 with four heads (binary, multiclass, multilabel, grouped),
+fine-tuned on the corpus's train split by the project's own training job. Both are built once into
+a cache directory (``$MTCLS_CACHE``, default ``~/.cache/mtcls``) and reused; nothing large is
+committed to the repository.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, encode_labels, tokenize
+if TYPE_CHECKING:
+    from pipelines.train_data import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,55 +128,35 @@ def default_corpus_dir(rows: int = 2000) -> Path:
     return target
 
 
-def _labels_for(table: pa.Table) -> dict[str, torch.Tensor]:
-    specs = [HeadSpec.from_dict(h) for h in DEFAULT_HEADS]
-    return {s.name: torch.as_tensor(encode_labels(s, table.column(s.name).to_pylist())) for s in specs}
+def default_train_config(output: str, rows: int = 2000, **overrides: object) -> "TrainConfig":
+    """The training job's config for the embedded default model (and the demo)."""
+    from pipelines.train_data import TrainConfig
 
-
-def build_default_model(target: Path, epochs: int = 60, seed: int = 0) -> Path:
-    """Fits the default heads on the frozen packaged MiniLM and saves model + tokenizer to ``target``."""
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(seed)
-    encoder_dir = default_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
-    model = MultiTaskModel.from_encoder(encoder_dir, DEFAULT_HEADS)
-    model.freeze_encoder()
-    train = pq.read_table(default_corpus_dir() / "train.parquet")
-    labels = _labels_for(train)
-    ids, _ = tokenize(tokenizer, train.column("text").to_pylist(), 128)
-    model.eval()
-    pooled = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), 128):
-            chunk = ids[start : start + 128]
-            width = max(len(r) for r in chunk)
-            x = torch.tensor([r + [0] * (width - len(r)) for r in chunk])
-            pooled.append(model.pool(model.encoder(input_ids=x, attention_mask=(x != 0).long()).last_hidden_state, (x != 0).long()))
-    features = torch.cat(pooled)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(features)).split(256):
-            out = model.forward_heads(features[batch], {k: v[batch] for k, v in labels.items()})
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-    model.freeze_encoder(False)
-    model.eval()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    corpus = default_corpus_dir(rows)
+    values = dict(train=[str(corpus / "train.parquet")], output=output,
+                  heads=[dict(h) for h in DEFAULT_HEADS], epochs=2, batch_size=32, learning_rate=1e-4,
+                  max_length=64, storage_path=str(cache_dir() / "ray_train"))
+    values.update(overrides)
+    return TrainConfig(**values)
 
 
 def default_model_dir() -> Path:
-    """The embedded default model directory, built on first use (about a minute on 2 CPUs)."""
+    """The embedded default model, trained by the project's training job on first use.
+
+    Equivalent command: ``python -m jobs.train --config jobs/configs/train/default.yaml
+    output=~/.cache/mtcls/default-model-v2`` (about two minutes on 2 CPUs). Starts a local Ray if
+    none is running.
+    """
+    from pipelines.runtime import init_ray
+    from pipelines.training import run_training
+
     target = cache_dir() / f"default-model-{SAMPLE_VERSION}"
     if not (target / "model.safetensors").is_file():
-        log.info("building the embedded default model into %s (first use only)", target)
-        build_default_model(target)
+        log.info("training the embedded default model into %s (first use only)", target)
+        init_ray()
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        run_training(default_train_config(str(tmp)))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     return target
