@@ -11,7 +11,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
     setup_and_run, setup_and_test = blocks[0].strip(), blocks[1].strip()
     assert README.index(setup_and_run) < README.index("## ")
-    assert setup_and_run.endswith("python -m jobs.score") and "pytest" in setup_and_test
+    assert setup_and_run.endswith("python -m jobs.demo") and "pytest" in setup_and_test
     ci = (ROOT / ".ci" / "run").read_text()
     assert setup_and_test.replace("pip install -e", "pip install -q -e") in ci
 
