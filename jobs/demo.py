@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from typing import Optional, Sequence
 
 from jobs import evaluate as evaluate_job
 from pipelines.config import ConfigError, load_config
-from pipelines.runtime import init_ray, parse_job_args, setup_logging
+from pipelines.runtime import init_ray, parse_job_args, run_job, setup_logging
 from pipelines.sample import default_corpus_dir, default_train_config
 from pipelines.scoring import ScoreConfig, localize_model, run_scoring
-from pipelines.storage import InputError
+
 from pipelines.training import run_training
 
 log = logging.getLogger("jobs.demo")
@@ -88,8 +87,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

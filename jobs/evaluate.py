@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import posixpath
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,10 +22,10 @@ from mtcls import MultiTaskConfig
 from pipelines.config import ConfigError, config_to_dict, load_config
 from pipelines.evaluation import EvalConfig, build_report, evaluate_data, evaluate_predictions, specs_from_predictions
 from pipelines.report import plot_confusion, report_markdown
-from pipelines.runtime import init_ray, parse_job_args, setup_logging
+from pipelines.runtime import init_ray, parse_job_args, run_job, setup_logging
 from pipelines.sample import default_corpus_dir, default_model_dir
 from pipelines.scoring import ScoreConfig, localize_model, model_identity, plan_resources, read_model_files
-from pipelines.storage import InputError, locate, write_json
+from pipelines.storage import locate, write_json
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -117,8 +116,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

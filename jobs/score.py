@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from typing import Optional, Sequence
 
-from pipelines.config import ConfigError, load_config
-from pipelines.runtime import init_ray, parse_job_args, setup_logging
+from pipelines.config import load_config
+from pipelines.runtime import init_ray, parse_job_args, run_job, setup_logging
 from pipelines.sample import default_corpus_dir, default_model_dir
 from pipelines.scoring import ScoreConfig, localize_model, run_scoring
-from pipelines.storage import InputError
+
 
 log = logging.getLogger("jobs.score")
 
@@ -62,8 +61,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

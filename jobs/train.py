@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from typing import Optional, Sequence
 
-from pipelines.config import ConfigError, load_config
-from pipelines.runtime import init_ray, parse_job_args, setup_logging
+from pipelines.config import load_config
+from pipelines.runtime import init_ray, parse_job_args, run_job, setup_logging
 from pipelines.sample import DEFAULT_HEADS, default_corpus_dir
-from pipelines.storage import InputError
+
 from pipelines.train_data import TrainConfig
 from pipelines.training import run_training
 
@@ -53,8 +52,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

@@ -38,12 +38,13 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[lis
     return enc["input_ids"], truncated
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded (B, T) ids and attention mask, T = the longest row."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
 
@@ -81,7 +82,7 @@ def predict_probabilities(
     )
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = _pad([input_ids[i] for i in idx], pad_token_id)
+        ids, mask = pad_batch([input_ids[i] for i in idx], pad_token_id)
         with autocast:
             result = model(input_ids=ids.to(device), attention_mask=mask.to(device))
         for name, logits in result.logits.items():

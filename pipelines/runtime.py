@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Optional, Sequence
+import sys
+from typing import Any, Callable, Optional, Sequence
 
 
 def parse_job_args(argv: Optional[Sequence[str]], description: str) -> tuple[Optional[str], list[str]]:
@@ -31,3 +32,15 @@ def init_ray() -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def run_job(main: Callable[[], Any]) -> None:
+    """Runs a job's ``main``; a bad config or input exits with status 2 and a one-line message."""
+    from pipelines.config import ConfigError
+    from pipelines.storage import InputError
+
+    try:
+        main()
+    except (ConfigError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -22,22 +22,13 @@ import numpy as np
 import torch
 
 from mtcls import HeadSpec, MultiTaskModel, head_report, head_statistics
+from mtcls.inference import pad_batch
 from mtcls.metrics import empty_statistics, merge_statistics
 from mtcls.modeling import head_probabilities
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
-
-
-def _pad(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def _labels(spec: HeadSpec, column: Any) -> torch.Tensor:
@@ -75,7 +66,7 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
             mine = np.flatnonzero(batch["row"] % world == rank)
             if not len(mine):
                 continue
-            ids, mask = _pad([batch["input_ids"][i] for i in mine], pad_id)
+            ids, mask = pad_batch([batch["input_ids"][i] for i in mine], pad_id)
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for spec in specs:
                 probs = head_probabilities(spec, out.logits[spec.name].float()).cpu().numpy()
@@ -149,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         total_loss, batches, rows, epoch_start = 0.0, 0, 0, time.perf_counter()
         for i, batch in enumerate(train_shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
                                                            local_shuffle_buffer_size=2048, local_shuffle_seed=config["seed"] + epoch)):
-            ids, mask = _pad(batch["input_ids"], pad_id)
+            ids, mask = pad_batch(batch["input_ids"], pad_id)
             labels = {s.name: _labels(s, batch[f"y_{s.name}"]).to(device) for s in specs}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = ddp_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels)

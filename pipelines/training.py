@@ -7,7 +7,6 @@ the tokenizer, plus ``training_summary.json`` (per-epoch metrics and per-head re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
