@@ -24,7 +24,7 @@ from mtcls import HeadSpec, encode_labels, head_report, head_statistics, merge_s
 from mtcls.metrics import empty_statistics, statistics_from_lists, statistics_to_lists
 from mtcls.thresholds import DEFAULT_BINS, best_thresholds, threshold_histograms
 from pipelines.config import ConfigError
-from pipelines.storage import InputError, inspect_parquet, list_parquet_files, locate
+from pipelines.storage import InputError, column_names, inspect_parquet, list_parquet_files, locate
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,10 @@ class _EvalActor:
         from transformers import AutoTokenizer
 
         from mtcls import MultiTaskModel
-        from pipelines.scoring import _materialize
+        from pipelines.scoring import materialize_model_files
 
         torch.set_num_threads(max(1, torch_threads))
-        path = _materialize(ray.get(files_ref[0]))
+        path = materialize_model_files(ray.get(files_ref[0]))
         self.model = MultiTaskModel.from_pretrained(path).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.specs = [HeadSpec.from_dict(s) for s in specs]
@@ -282,12 +282,7 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
     pred_loc, label_loc = locate(cfg.predictions), locate(cfg.labels)
     pred_files = list_parquet_files(pred_loc)
     label_files = list_parquet_files(label_loc)
-    label_schema, _ = inspect_parquet(label_loc, label_files, [cfg.id_column])
-    import pyarrow.parquet as pq
-
-    with label_loc.fs.open(label_files[0], "rb") as fh:
-        label_names = pq.ParquetFile(fh).schema_arrow.names
-    label_columns = resolve_label_columns(specs, label_names, cfg.label_columns)
+    label_columns = resolve_label_columns(specs, column_names(label_loc, label_files[0]), cfg.label_columns)
     needed_labels = list(dict.fromkeys([cfg.id_column, *label_columns.values(), *cfg.slice_by]))
     inspect_parquet(label_loc, label_files, needed_labels)
     pred_cols = [cfg.id_column, "error", *[f"{h}_probs" for h in label_columns]]
@@ -317,14 +312,11 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
 def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_files_ref: Any, max_length: int, torch_threads: int,
                   num_actors: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Scores labelled data with the model in an actor pool; returns (merged totals, details)."""
-    import pyarrow.parquet as pq
     import ray.data
 
     loc = locate(cfg.data)
     files = list_parquet_files(loc)
-    with loc.fs.open(files[0], "rb") as fh:
-        names = pq.ParquetFile(fh).schema_arrow.names
-    label_columns = resolve_label_columns(specs, names, cfg.label_columns)
+    label_columns = resolve_label_columns(specs, column_names(loc, files[0]), cfg.label_columns)
     needed = list(dict.fromkeys([*cfg.text_columns, *label_columns.values(), *cfg.slice_by]))
     inspect_parquet(loc, files, needed)
     ds = ray.data.read_parquet(files, filesystem=loc.arrow_fs()).select_columns(needed)

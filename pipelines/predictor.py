@@ -8,7 +8,6 @@ out with null predictions and a non-null ``error``; no row is ever dropped.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -132,7 +131,3 @@ class Predictor:
         out["truncated"] = truncated.tolist()
         return out
 
-
-def default_torch_threads(num_cpus_per_actor: float) -> int:
-    """Threads for CPU inference: the CPUs Ray gave the actor, at least 1, at most the machine's."""
-    return max(1, min(int(num_cpus_per_actor) or 1, os.cpu_count() or 1))

@@ -189,7 +189,8 @@ def read_model_files(model_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
 
 
-def _materialize(files: dict[str, bytes]) -> str:
+def materialize_model_files(files: dict[str, bytes]) -> str:
+    """Writes files from :func:`read_model_files` into a new local directory; returns its path."""
     target = Path(tempfile.mkdtemp(prefix="mtcls-model-"))
     for name, data in files.items():
         (target / name).write_bytes(data)
@@ -204,7 +205,7 @@ class _ShippedPredictor:
 
         from pipelines.predictor import Predictor
 
-        self._inner = Predictor(_materialize(ray.get(files_ref[0])), **kwargs)
+        self._inner = Predictor(materialize_model_files(ray.get(files_ref[0])), **kwargs)
 
     def __call__(self, batch: Any) -> Any:
         return self._inner(batch)

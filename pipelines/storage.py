@@ -74,6 +74,15 @@ def list_parquet_files(loc: Location) -> list[str]:
     return files
 
 
+def column_names(loc: Location, path: str) -> list[str]:
+    """The column names of one Parquet file (reads its footer only)."""
+    try:
+        with loc.fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).schema_arrow.names
+    except Exception as exc:  # pyarrow raises several types for a bad footer
+        raise InputError(f"cannot read Parquet file {loc.uri(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def inspect_parquet(loc: Location, files: list[str], required: list[str]) -> tuple[pa.Schema, dict[str, int]]:
     """Reads every file's footer: proves it is readable and has the required columns.
 

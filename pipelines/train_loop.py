@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from pipelines.scoring import _materialize
+    from pipelines.scoring import materialize_model_files
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["resumes"] += 1
         log.info("resuming after epoch %d", state["epoch"])
     else:
-        model = MultiTaskModel.from_pretrained(_materialize(ray.get(config["init_files"][0])))
+        model = MultiTaskModel.from_pretrained(materialize_model_files(ray.get(config["init_files"][0])))
     if config["freeze_encoder"]:
         model.freeze_encoder()
     model.to(device)
