@@ -8,7 +8,7 @@ from mtcls.configuration import MultiTaskConfig
 from mtcls.decoding import decode, output_columns, predict_indices
 from mtcls.default import default_encoder_path
 from mtcls.encoding import LabelError, decode_labels, encode_labels, join_texts
-from mtcls.heads import HEAD_KINDS, HeadSpec, HeadSpecError, validate_heads
+from mtcls.heads import BALANCED, HEAD_KINDS, HeadSpec, HeadSpecError, validate_heads
 from mtcls.inference import predict_probabilities, predict_texts, tokenize
 from mtcls.losses import IGNORE_INDEX, head_loss
 from mtcls.metrics import head_report, head_statistics, merge_statistics
@@ -19,6 +19,7 @@ register_auto_classes()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BALANCED",
     "HEAD_KINDS",
     "IGNORE_INDEX",
     "HeadSpec",

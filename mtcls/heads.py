@@ -60,6 +60,9 @@ def _check_positive_list(head: str, field_name: str, values: Any, n: int) -> lis
     return out
 
 
+BALANCED = ("balanced", "sqrt_balanced")
+
+
 @dataclass
 class HeadSpec:
     """One classification head on the shared encoder.
@@ -75,9 +78,12 @@ class HeadSpec:
         activation: MLP activation, one of ``relu``, ``gelu``, ``tanh``, ``silu``.
         dropout: Dropout applied to the head input and after each hidden layer.
         loss_weight: Weight of this head's loss in the total loss.
-        class_weights: ``multiclass``/``grouped``: one weight per label, or ``"balanced"`` to be
-            resolved from label counts with :meth:`resolve_balanced` before training.
-        pos_weight: ``binary``: one number; ``multilabel``: one per label; or ``"balanced"``.
+        class_weights: ``multiclass``/``grouped``: one weight per label, or ``"balanced"`` /
+            ``"sqrt_balanced"`` to be resolved from label counts with :meth:`resolve_balanced`
+            before training.
+        pos_weight: ``binary``: one number; ``multilabel``: one per label; or ``"balanced"``
+            (negatives / positives per label) or ``"sqrt_balanced"`` (its square root: milder for
+            very rare labels, e.g. about 22 instead of 500 for a label on 0.2% of rows).
         thresholds: ``binary``: the positive-class decision threshold; ``multilabel``: one per
             label or a single number for all. Values strictly in (0, 1). Default 0.5.
         cumulative_threshold: ``distribution`` only: predict the smallest set of labels whose
@@ -149,12 +155,12 @@ class HeadSpec:
         if self.class_weights is not None:
             if kind not in ("multiclass", "grouped"):
                 _fail(name, "class_weights", f"applies to multiclass and grouped heads; use pos_weight for {kind}")
-            if self.class_weights != "balanced":
+            if self.class_weights not in BALANCED:
                 self.class_weights = _check_positive_list(name, "class_weights", self.class_weights, len(self.labels))
         if self.pos_weight is not None:
             if kind not in ("binary", "multilabel"):
                 _fail(name, "pos_weight", f"applies to binary and multilabel heads; use class_weights for {kind}")
-            if self.pos_weight == "balanced":
+            if self.pos_weight in BALANCED:
                 pass
             elif kind == "binary":
                 self.pos_weight = _check_positive_list(name, "pos_weight", [self.pos_weight], 1)[0]
@@ -223,15 +229,19 @@ class HeadSpec:
             A copy of this spec with explicit weights. Weights of labels never seen are 1.0.
         """
         spec = dataclasses.replace(self)
-        if self.class_weights == "balanced":
+        if self.class_weights in BALANCED:
             k = self.num_labels
-            spec.class_weights = [float(total) / (k * c) if c > 0 else 1.0 for c in counts]
-        if self.pos_weight == "balanced":
+            weights = [float(total) / (k * c) if c > 0 else 1.0 for c in counts]
+            spec.class_weights = [w ** 0.5 for w in weights] if self.class_weights == "sqrt_balanced" else weights
+        if self.pos_weight in BALANCED:
             if self.kind == "binary":
                 neg, pos = counts
-                spec.pos_weight = float(neg) / pos if pos > 0 and neg > 0 else 1.0
+                weights = [float(neg) / pos if pos > 0 and neg > 0 else 1.0]
             else:
-                spec.pos_weight = [float(total - c) / c if 0 < c < total else 1.0 for c in counts]
+                weights = [float(total - c) / c if 0 < c < total else 1.0 for c in counts]
+            if self.pos_weight == "sqrt_balanced":
+                weights = [w ** 0.5 for w in weights]
+            spec.pos_weight = weights[0] if self.kind == "binary" else weights
         return spec
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from mtcls.configuration import MultiTaskConfig
-from mtcls.heads import HeadSpec, HeadSpecError, validate_heads
+from mtcls.heads import BALANCED, HeadSpec, HeadSpecError, validate_heads
 from mtcls.losses import head_loss
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -289,9 +289,9 @@ class MultiTaskModel(PreTrainedModel):
     def _check_resolved(self, labels: dict[str, torch.Tensor]) -> None:
         for name in labels:
             spec = self.specs[name]
-            if "balanced" in (spec.class_weights, spec.pos_weight):
+            if spec.class_weights in BALANCED or spec.pos_weight in BALANCED:
                 raise HeadSpecError(
-                    f"head {name!r}: 'balanced' weights must be resolved from label counts before "
+                    f"head {name!r}: 'balanced' / 'sqrt_balanced' weights must be resolved from label counts before "
                     "training (HeadSpec.resolve_balanced, or let jobs.train do it)"
                 )
 

@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtcls import HeadSpec, HeadSpecError, encode_labels, join_texts, tokenize
+from mtcls import BALANCED, HeadSpec, HeadSpecError, encode_labels, join_texts, tokenize
+from mtcls.thresholds import DEFAULT_BINS
 from pipelines.config import ConfigError
 from pipelines.storage import InputError, list_parquet_files, locate
 
@@ -53,7 +54,14 @@ class TrainConfig:
         precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), or explicit.
         freeze_encoder: Train the heads only (card 004).
         early_stopping_patience: Stop after this many epochs without improvement (0 = off).
-        best_metric: ``mean_macro_f1`` (card 002) or ``<head>_macro_f1``; the best epoch is exported.
+        best_metric: ``mean_macro_f1`` (card 002), ``<head>_macro_f1``, or for a multilabel head
+            with ``tune_thresholds``, ``<head>_tuned_macro_f1``; the best epoch is exported.
+        tune_thresholds: For multilabel heads, pick per-label thresholds maximising F1 on the
+            validation set after every epoch, and export the best epoch with them. Metrics at the
+            tuned thresholds are optimistic on the validation set itself; check them on a test set.
+        threshold_bins: Resolution of threshold tuning (bins over [0, 1]).
+        length_grouping: Batches pad to their longest row; rows are sorted by length within
+            windows of this many batches, then the batches are shuffled (1 = off).
         num_workers: Ray Train workers (DDP). use_gpu: one GPU per worker.
         max_failures: Worker failures survived by resuming from the last checkpoint.
         storage_path: Where Ray Train keeps checkpoints (a shared URI on a cluster).
@@ -82,6 +90,9 @@ class TrainConfig:
     freeze_encoder: bool = False
     early_stopping_patience: int = 0
     best_metric: str = "mean_macro_f1"
+    tune_thresholds: bool = True
+    threshold_bins: int = DEFAULT_BINS
+    length_grouping: int = 50
     num_workers: int = 1
     use_gpu: bool = False
     max_failures: int = 2
@@ -108,7 +119,7 @@ class TrainConfig:
                     raise ConfigError(f"key 'heads[{i}]': {exc}") from exc
             elif head["kind"] == "distribution":
                 raise ConfigError(f"key 'heads[{i}]' ({head['name']!r}): a distribution head needs 'labels' (they cannot be inferred)")
-        for key in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length"):
+        for key in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "length_grouping"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -121,9 +132,14 @@ class TrainConfig:
             raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"key 'pooling': expected 'mean' or 'cls', got {self.pooling!r}")
+        if self.threshold_bins < 2:
+            raise ConfigError(f"key 'threshold_bins': must be >= 2, got {self.threshold_bins}")
         names = [h["name"] for h in self.heads]
-        if self.best_metric != "mean_macro_f1" and self.best_metric not in [f"{n}_macro_f1" for n in names]:
-            raise ConfigError(f"key 'best_metric': expected 'mean_macro_f1' or '<head>_macro_f1' for heads {names}, got {self.best_metric!r}")
+        allowed = ["mean_macro_f1", *[f"{n}_macro_f1" for n in names]]
+        if self.tune_thresholds:
+            allowed += [f"{h['name']}_tuned_macro_f1" for h in self.heads if h.get("kind") == "multilabel"]
+        if self.best_metric not in allowed:
+            raise ConfigError(f"key 'best_metric': expected one of {allowed}, got {self.best_metric!r}")
 
     def head_column(self, head: dict[str, Any]) -> str:
         return head.get("column") or head["name"]
@@ -291,7 +307,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
 
     resolved = []
     for spec in specs:
-        if "balanced" in (spec.class_weights, spec.pos_weight):
+        if spec.class_weights in BALANCED or spec.pos_weight in BALANCED:
             y = np.array(train.column(f"y_{spec.name}").to_pylist(), dtype=np.float32)
             if spec.kind in ("multilabel", "grouped"):
                 y = y.reshape(len(y), -1)

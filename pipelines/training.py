@@ -7,6 +7,7 @@ the tokenizer, plus ``training_summary.json`` (per-epoch metrics and per-head re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import posixpath
@@ -57,10 +58,12 @@ def plot_history(history: list[dict[str, Any]], head: str, path: str) -> None:
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
     ax2.plot(epochs, [h[f"{head}_macro_f1"] for h in history], "s-", label="validation macro-F1", color="tab:blue")
+    if f"{head}_tuned_macro_f1" in history[0]:
+        ax2.plot(epochs, [h[f"{head}_tuned_macro_f1"] for h in history], "^--", label="at tuned thresholds", color="tab:green")
     ax2.set_ylabel("validation macro-F1")
     ax2.set_ylim(0, 1)
     ax.set_title(head)
-    fig.legend(loc="lower center", ncol=2)
+    fig.legend(loc="lower center", ncol=3)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -102,9 +105,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
         "fault_epoch": int(os.environ.get("MTCLS_FAULT_EPOCH", "-1")),
         "fault_marker": str(work / "fault-injected"),
+        "threshold_bins": cfg.threshold_bins if cfg.tune_thresholds else 0,
         **{k: getattr(cfg, k) for k in ("seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
                                          "gradient_accumulation", "warmup_ratio", "precision", "max_grad_norm",
-                                         "early_stopping_patience", "best_metric")},
+                                         "early_stopping_patience", "best_metric", "length_grouping")},
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -126,11 +130,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         final_state = torch.load(Path(last) / STATE_FILE, weights_only=True)
     history = final_state["history"]
 
+    best_reports = next(h["reports"] for h in history if h["epoch"] == best_metrics["epoch"])
+    tuned = {h: r["tuned_thresholds"] for h, r in best_reports.items() if "tuned_thresholds" in r}
+
     out = locate(cfg.output)
     out.fs.makedirs(out.path, exist_ok=True)
     with best_ckpt.as_directory() as best_dir:
-        for name in ("config.json", "model.safetensors"):
-            out.fs.put(str(Path(best_dir) / name), posixpath.join(out.path, name))
+        model = MultiTaskModel.from_pretrained(best_dir)
+    for head, result in tuned.items():
+        model.set_head_spec(dataclasses.replace(model.specs[head], thresholds=result["thresholds"]))
+    model.save_pretrained(work / "best")
+    for name in ("config.json", "model.safetensors"):
+        out.fs.put(str(work / "best" / name), posixpath.join(out.path, name))
     for f in (work / "init").iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             out.fs.put(str(f), posixpath.join(out.path, f.name))  # tokenizer files
@@ -142,8 +153,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "best_score": best_metrics[cfg.best_metric],
         "best_metrics": {k: v for k, v in best_metrics.items() if not isinstance(v, dict)},
         "epochs": [{k: v for k, v in h.items() if k != "reports"} for h in history],
-        "best_reports": next(h["reports"] for h in history if h["epoch"] == best_metrics["epoch"]),
-        "heads": [s.to_dict() for s in data.specs],
+        "best_reports": best_reports,
+        "tuned_thresholds": tuned,
+        "heads": [s.to_dict() for s in model.specs.values()],
         "rows": {"train": data.train.num_rows, "validation": data.validation.num_rows},
         "label_rows": data.label_rows,
         "skipped_rows_without_text": data.skipped_rows,

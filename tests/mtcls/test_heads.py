@@ -84,3 +84,9 @@ def test_resolve_balanced_weights():
     assert binary.pos_weight == pytest.approx(9.0)
     ml = make(kind="multilabel", pos_weight="balanced").resolve_balanced([10, 50, 0], total=100)
     assert ml.pos_weight == pytest.approx([9.0, 1.0, 1.0])
+    # The square-root variant tempers the weights of rare labels.
+    sq = make(kind="multilabel", pos_weight="sqrt_balanced").resolve_balanced([1, 50, 0], total=501)
+    assert sq.pos_weight == pytest.approx([500 ** 0.5, (451 / 50) ** 0.5, 1.0])
+    sqc = make(class_weights="sqrt_balanced").resolve_balanced([10, 30, 0], total=40)
+    assert sqc.class_weights == pytest.approx([(40 / 30) ** 0.5, (40 / 90) ** 0.5, 1.0])
+    assert make(kind="binary", labels=["n", "p"], pos_weight="sqrt_balanced").resolve_balanced([90, 10], total=100).pos_weight == pytest.approx(3.0)

@@ -123,7 +123,7 @@ def test_balanced_weights_must_be_resolved_before_training():
     model = tiny_model(heads=heads)
     ids, mask = batch()
     model(ids, mask)  # inference is fine
-    with pytest.raises(HeadSpecError, match="'c'.*'balanced' weights must be resolved"):
+    with pytest.raises(HeadSpecError, match="'c'.*'balanced' / 'sqrt_balanced' weights must be resolved"):
         model(ids, mask, labels={"c": torch.zeros(6, dtype=torch.long)})
     with pytest.raises(HeadSpecError, match="unknown head"):
         tiny_model()(ids, mask, labels={"nope": torch.zeros(6)})

@@ -12,6 +12,7 @@ from jobs import train as train_job
 from pipelines.config import ConfigError, load_config
 from pipelines.storage import InputError
 from pipelines.train_data import TrainConfig
+from pipelines.train_loop import length_grouped
 
 WORDS = {"pos": ["great", "lovely", "excellent", "superb"], "neg": ["awful", "broken", "terrible", "bad"]}
 TOPICS = {"sport": ["match", "goal", "team"], "tech": ["phone", "laptop", "chip"]}
@@ -69,6 +70,15 @@ def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data
     probs = np.array(cols["sentiment_probs"])
     macro = mtcls.head_report(spec, mtcls.head_statistics(spec, y, probs))["macro_f1"]
     assert macro == pytest.approx(summary["best_metrics"]["sentiment_macro_f1"], abs=1e-9)
+    # The multilabel head was exported with the thresholds tuned on validation at the best epoch,
+    # and reaches exactly the reported tuned macro-F1 with them.
+    tuned = summary["tuned_thresholds"]["topics"]
+    assert model.specs["topics"].thresholds == tuned["thresholds"]
+    spec = model.specs["topics"]
+    y = mtcls.encode_labels(spec, val.column("topics").to_pylist())
+    stats = mtcls.head_statistics(spec, y, np.array(cols["topics_probs"]))
+    assert mtcls.head_report(spec, stats)["macro_f1"] == pytest.approx(summary["best_metrics"]["topics_tuned_macro_f1"], abs=1e-9)
+    assert summary["best_metrics"]["topics_tuned_macro_f1"] >= summary["best_metrics"]["topics_macro_f1"] - 0.05
     # Balanced weights were resolved from label counts and saved with the model.
     assert isinstance(model.specs["sentiment"].class_weights, list)
     assert sorted(model.specs["topics"].labels) == ["sport", "tech"]
@@ -120,8 +130,37 @@ def test_bad_training_inputs_fail_before_training(tmp_path, tiny_encoder_dir, ra
         ('heads=[{name: h, kind: multiclass, labels: [a, a]}]', "duplicate label name 'a'"),
         ("best_metric=accuracy", "key 'best_metric'"),
         ("epochs=0", "key 'epochs'"),
+        ("best_metric=h_tuned_macro_f1", "key 'best_metric'"),  # h is multiclass: nothing to tune
+        ("length_grouping=0", "key 'length_grouping'"),
+        ("threshold_bins=1", "key 'threshold_bins'"),
     ],
 )
 def test_bad_training_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, None, ["train=[x.parquet]", 'heads=[{name: h, kind: multiclass}]', override])
+
+
+def test_length_grouping_keeps_every_row_once_and_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=1000)
+    windows = []
+    for start in range(0, 1000, 320):
+        idx = np.arange(start, min(start + 320, 1000))
+        ids = np.empty(len(idx), dtype=object)
+        ids[:] = [list(range(n)) for n in lengths[idx]]
+        windows.append({"input_ids": ids, "row": idx})
+    batches = list(length_grouped(iter(windows), 32, seed=1))
+    rows = np.concatenate([b["row"] for b in batches])
+    assert sorted(rows.tolist()) == list(range(1000))
+    assert all(len(b["row"]) <= 32 for b in batches)
+    for b in batches:  # labels and ids stay aligned
+        assert [len(x) for x in b["input_ids"]] == lengths[b["row"]].tolist()
+
+    def padded(bs):
+        return sum(max(len(x) for x in b["input_ids"]) * len(b["input_ids"]) for b in bs)
+
+    plain = [{k: v[i:i + 32] for k, v in w.items()} for w in windows for i in range(0, len(w["row"]), 32)]
+    assert padded(batches) < 0.7 * padded(plain)
+    # Batch order is shuffled, not shortest-first.
+    maxima = [max(len(x) for x in b["input_ids"]) for b in batches[:10]]
+    assert maxima != sorted(maxima)
