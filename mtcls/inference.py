@@ -41,12 +41,12 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[lis
 def pad_batch(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> right-padded (B, T) ids and attention mask, T = the longest row."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    return ids, mask
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 @torch.inference_mode()

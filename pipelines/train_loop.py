@@ -181,9 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = ddp_model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels)
             scaler.scale(out.loss / accum).backward()
-            total_loss += float(out.loss)
+            total_loss += out.loss.item()
             for name, value in out.head_losses.items():
-                sums[name] += float(value)
+                sums[name] += value.item()
             batches += 1
             rows += len(ids)
             _maybe_fail(config, epoch)
