@@ -53,6 +53,8 @@ def best_thresholds(spec: HeadSpec, hist: dict[str, np.ndarray]) -> dict[str, An
     Returns:
         ``{"thresholds": [...], "f1": [...], "current_f1": [...]}`` in label order; binary heads
         have one entry. ``current_f1`` is F1 at the head's present thresholds, rounded to a bin edge.
+        A label without a single positive example has no F1 to maximise (every threshold scores
+        0): it keeps its present threshold and is listed in ``no_positives``.
     """
     pos, neg = hist["pos"], hist["neg"]
     k, bins = pos.shape
@@ -64,12 +66,16 @@ def best_thresholds(spec: HeadSpec, hist: dict[str, np.ndarray]) -> dict[str, An
     denom = 2 * tp + fp + fn
     f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape, dtype=np.float64), where=denom > 0)
     best = f1.argmax(axis=1)
-    current = np.clip(np.rint(np.asarray(spec.label_thresholds()) * bins).astype(int) - 1, 0, bins - 2)
+    present = [float(t) for t in spec.label_thresholds()]
+    current = np.clip(np.rint(np.asarray(present) * bins).astype(int) - 1, 0, bins - 2)
     current = np.broadcast_to(current, (k,))
+    no_positives = pos.sum(axis=1) == 0
+    labels = spec.labels[1:] if spec.kind == "binary" else list(spec.labels)
     return {
-        "labels": spec.labels[1:] if spec.kind == "binary" else list(spec.labels),
-        "thresholds": [float(edges[b]) for b in best],
+        "labels": labels,
+        "thresholds": [present[j] if no_positives[j] else float(edges[b]) for j, b in enumerate(best)],
         "f1": [float(f1[j, b]) for j, b in enumerate(best)],
-        "current_thresholds": [float(t) for t in spec.label_thresholds()],
+        "current_thresholds": present,
         "current_f1": [float(f1[j, c]) for j, c in enumerate(current)],
+        "no_positives": [labels[j] for j in np.flatnonzero(no_positives)],
     }

@@ -25,6 +25,18 @@ def test_tuned_thresholds_reach_the_best_f1_on_the_grid_and_merge_over_shards():
         grid = max(f1_score(y[:, j], p[:, j] >= e) for e in np.arange(1, 100) / 100)
         assert result["f1"][j] == pytest.approx(grid, abs=1e-12)
     assert result["f1"][0] >= result["current_f1"][0]
+    assert result["no_positives"] == []
+
+
+def test_a_label_without_positives_keeps_its_threshold():
+    # Every threshold gives F1 0 for "c"; picking the lowest would flag nearly every row as "c".
+    spec = HeadSpec.from_dict({"name": "tags", "kind": "multilabel", "labels": ["a", "c"], "thresholds": [0.5, 0.7]})
+    y = np.array([[1, 0], [0, 0], [1, 0]], dtype=np.float32)
+    p = np.array([[0.9, 0.2], [0.1, 0.6], [0.8, 0.1]])
+    result = best_thresholds(spec, threshold_histograms(spec, y, p, bins=10))
+    assert result["no_positives"] == ["c"]
+    assert result["thresholds"][1] == 0.7 and result["f1"][1] == 0.0
+    assert 0.1 < result["thresholds"][0] <= 0.8 and result["f1"][0] == 1.0
 
 
 def test_binary_head_tunes_one_threshold():
