@@ -72,6 +72,24 @@ def length_grouped(batches: Any, batch_size: int, seed: int) -> Any:
             yield {key: value[chunks[k]] for key, value in window.items()}
 
 
+class Progress:
+    """Logs training progress (step, loss, examples/s, time left in the epoch) every ``every`` seconds."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, world: int, every: float = 30.0) -> None:
+        self.epoch, self.epochs, self.steps, self.world, self.every = epoch, epochs, steps, world, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, batches: int, rows: int, loss: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = rows / (now - self.start)
+        left = (self.steps - batches) * (now - self.start) / max(batches, 1)
+        log.info("epoch %d/%d: batch %d/%d (%.0f%%), mean loss %.4f, %.1f examples/s per worker, ~%.0f s left in the epoch",
+                 self.epoch + 1, self.epochs, batches, self.steps, 100 * batches / max(self.steps, 1), loss, rate, max(left, 0))
+
+
 def _tuned_macro_f1(spec: HeadSpec, hist: dict[str, np.ndarray]) -> dict[str, Any]:
     tuned = best_thresholds(spec, hist)
     return {**tuned, "macro_f1": float(np.mean(tuned["f1"]))}
@@ -128,8 +146,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
+    from pipelines.runtime import setup_logging
     from pipelines.scoring import materialize_model_files
 
+    setup_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] + rank)
@@ -172,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums = {s.name: 0.0 for s in specs}
         total_loss, batches, rows, epoch_start = 0.0, 0, 0, time.perf_counter()
+        progress = Progress(epoch, config["epochs"], math.ceil(config["train_rows"] / world / config["batch_size"]), world)
         window = config["batch_size"] * max(1, config["length_grouping"])
         windows = train_shard.iter_batches(batch_size=window, batch_format="numpy",
                                            local_shuffle_buffer_size=max(2048, window), local_shuffle_seed=config["seed"] + epoch)
@@ -186,6 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[name] += value.item()
             batches += 1
             rows += len(ids)
+            if rank == 0:
+                progress.update(batches, rows, total_loss / batches)
             _maybe_fail(config, epoch)
             if (i + 1) % accum == 0:
                 _step(scaler, optimizer, scheduler, params, config["max_grad_norm"])
@@ -197,6 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": total_loss / max(batches, 1),
                    "train_examples_per_s": rows * world / max(train_seconds, 1e-9),
                    **{f"{n}_train_loss": v / max(batches, 1) for n, v in sums.items()}, **result["metrics"]}
+        if rank == 0:
+            log.info("epoch %d/%d done in %.0f s: train loss %.4f; validation %s", epoch + 1, config["epochs"], train_seconds,
+                     metrics["train_loss"], ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
         score = metrics[config["best_metric"]]
         improved = state["best"] is None or score > state["best"]
         state.update(epoch=epoch, best=max(score, state["best"] or score), bad_epochs=0 if improved else state["bad_epochs"] + 1)
