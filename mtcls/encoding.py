@@ -81,7 +81,7 @@ def _label_index(spec: HeadSpec, index: dict[str, int], value: Any, row: int, on
     raise LabelError(f"head {spec.name!r}: row {row}: label {value!r} is not one of {spec.labels}")
 
 
-def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "error") -> np.ndarray:
+def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "error", first_row: int = 0) -> np.ndarray:
     """Encodes one head's raw label values.
 
     Args:
@@ -92,6 +92,7 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
             or ``{label: probability}``. ``None``/NaN means no label.
         on_unknown: ``"error"`` raises :class:`LabelError` on a label outside the head's set;
             ``"mark"`` encodes it as ``-1`` (evaluation counts such rows as invalid).
+        first_row: Row number of ``values[0]`` in its file, for error messages on chunked reads.
 
     Returns:
         (N,) int64 binary/multiclass (binary as 0/1), (N, K) float32 multilabel/distribution,
@@ -105,7 +106,7 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
         out = np.full(n, IGNORE_INDEX, dtype=np.int64)
         for i, v in enumerate(values):
             if not _is_missing(v):
-                out[i] = _label_index(spec, index, v, i, on_unknown)
+                out[i] = _label_index(spec, index, v, i + first_row, on_unknown)
         return out
     if spec.kind == "multilabel":
         out = np.full((n, k), IGNORE_INDEX, dtype=np.float32)
@@ -113,10 +114,10 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
             if _is_missing(v):
                 continue
             if isinstance(v, str) or not hasattr(v, "__iter__"):
-                raise LabelError(f"head {spec.name!r}: row {i}: expected a list of label names, got {v!r}")
+                raise LabelError(f"head {spec.name!r}: row {i + first_row}: expected a list of label names, got {v!r}")
             out[i] = 0.0
             for name in v:
-                j = _label_index(spec, index, name, i, on_unknown)
+                j = _label_index(spec, index, name, i + first_row, on_unknown)
                 if j == INVALID_LABEL:
                     out[i] = INVALID_LABEL
                     break
@@ -131,9 +132,9 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
             items = v.items() if isinstance(v, dict) else v
             for g, label in items:
                 if g not in groups:
-                    raise LabelError(f"head {spec.name!r}: row {i}: unknown group {g!r}; groups: {spec.groups}")
+                    raise LabelError(f"head {spec.name!r}: row {i + first_row}: unknown group {g!r}; groups: {spec.groups}")
                 if not _is_missing(label):
-                    out[i, groups[g]] = _label_index(spec, index, label, i, on_unknown)
+                    out[i, groups[g]] = _label_index(spec, index, label, i + first_row, on_unknown)
         return out
     out = np.full((n, k), IGNORE_INDEX, dtype=np.float32)
     for i, v in enumerate(values):
@@ -142,7 +143,7 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
         if isinstance(v, dict):
             row = np.zeros(k, dtype=np.float64)
             for name, p in v.items():
-                j = _label_index(spec, index, name, i, on_unknown)
+                j = _label_index(spec, index, name, i + first_row, on_unknown)
                 if j == INVALID_LABEL:
                     row[:] = INVALID_LABEL
                     break
@@ -150,14 +151,14 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
         else:
             row = np.asarray(list(v), dtype=np.float64)
             if row.shape != (k,):
-                raise LabelError(f"head {spec.name!r}: row {i}: expected {k} probabilities, got {len(row)}")
+                raise LabelError(f"head {spec.name!r}: row {i + first_row}: expected {k} probabilities, got {len(row)}")
         if (row == INVALID_LABEL).all():
             out[i] = INVALID_LABEL
             continue
         total = row.sum()
         if not np.isfinite(row).all() or (row < 0).any() or abs(total - 1.0) > 1e-3:
             raise LabelError(
-                f"head {spec.name!r}: row {i}: soft labels must be non-negative and sum to 1, got {v!r}"
+                f"head {spec.name!r}: row {i + first_row}: soft labels must be non-negative and sum to 1, got {v!r}"
             )
         out[i] = row / total
     return out

@@ -6,8 +6,10 @@ the config or are inferred from the training data. Everything is checked on the 
 worker starts: a missing label column, a label outside a configured set, an empty training set, a
 validation set with no label for some head all fail here, naming the column or head.
 
-The prepared data is held in driver memory (token ids and encoded labels), then handed to Ray Train
-as Ray Datasets that every worker reads its shard of.
+Files are read in pieces of ``CHUNK_ROWS`` rows. Each piece is tokenized and encoded, and handed on
+at once (to the Ray object store in the training job, which spills to disk when full), so the
+driver holds one piece, the label sets and the label counts, never a whole split. The pieces become
+the Ray Datasets that every worker reads its shard of.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 from mtcls import BALANCED, HeadSpec, HeadSpecError, encode_labels, join_texts, tokenize
 from mtcls.thresholds import DEFAULT_BINS
 from pipelines.config import ConfigError
-from pipelines.storage import InputError, list_parquet_files, locate
+from pipelines.storage import InputError, Location, list_parquet_files, locate
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(HeadSpec)}
@@ -145,8 +147,25 @@ class TrainConfig:
         return head.get("column") or head["name"]
 
 
-def read_tables(uris: list[str], columns: list[str], what: str) -> list[tuple[str, pa.Table]]:
-    """Reads the wanted columns (those present) of every Parquet file under the URIs."""
+CHUNK_ROWS = 50_000
+
+
+@dataclass
+class ParquetSource:
+    """One Parquet file of a split, with its column names (from the footer)."""
+
+    loc: Location
+    path: str
+    columns: list[str]
+    rows: int
+
+    @property
+    def uri(self) -> str:
+        return self.loc.uri(self.path)
+
+
+def list_sources(uris: list[str]) -> list[ParquetSource]:
+    """Every Parquet file under the URIs, with its columns and rows; a bad footer fails here, named."""
     out = []
     for uri in uris:
         loc = locate(uri)
@@ -154,12 +173,26 @@ def read_tables(uris: list[str], columns: list[str], what: str) -> list[tuple[st
             try:
                 with loc.fs.open(path, "rb") as fh:
                     pf = pq.ParquetFile(fh)
-                    present = [c for c in columns if c in pf.schema_arrow.names]
-                    table = pf.read(columns=present)
-            except Exception as exc:  # noqa: BLE001 - name the file whatever pyarrow raised
-                raise InputError(f"cannot read {what} Parquet file {loc.uri(path)!r}: {exc}") from exc
-            out.append((loc.uri(path), table))
+                    out.append(ParquetSource(loc, path, pf.schema_arrow.names, pf.metadata.num_rows))
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad footer
+                raise InputError(f"cannot read Parquet file {loc.uri(path)!r}: {type(exc).__name__}: {exc}") from exc
     return out
+
+
+def read_chunks(source: ParquetSource, columns: list[str], what: str) -> Iterator[tuple[int, pa.Table]]:
+    """``(first row, table)`` pieces of up to :data:`CHUNK_ROWS` rows of the wanted columns present."""
+    present = [c for c in columns if c in source.columns]
+    if not present:
+        return
+    try:
+        with source.loc.fs.open(source.path, "rb") as fh:
+            offset = 0
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=CHUNK_ROWS, columns=present):
+                table = pa.Table.from_batches([batch])
+                yield offset, table
+                offset += table.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read {what} Parquet file {source.uri!r}: {exc}") from exc
 
 
 def _values(table: pa.Table, column: str) -> list[Any]:
@@ -200,46 +233,83 @@ def label_counts(spec: HeadSpec, encoded: np.ndarray) -> tuple[list[int], int]:
 
 
 @dataclass
+class Split:
+    """One prepared split: pieces of token ids and encoded labels (Arrow tables, or whatever
+    ``put`` made of them: Ray object refs in the training job), never held as one table."""
+
+    parts: list[Any] = field(default_factory=list)
+    rows: int = 0
+    skipped: int = 0
+    label_rows: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class PreparedData:
     """Token ids and encoded labels, ready for Ray Datasets."""
 
     specs: list[HeadSpec]
-    train: pa.Table
-    validation: pa.Table
+    train: Split
+    validation: Split
     skipped_rows: dict[str, int]
     label_rows: dict[str, dict[str, int]]
 
 
-def _encode_split(tables: list[tuple[str, pa.Table]], cfg: TrainConfig, specs: list[HeadSpec], tokenizer: Any,
-                  separator: str, split: str) -> tuple[pa.Table, int]:
-    ids_all: list[list[int]] = []
-    labels_all: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
-    skipped = 0
-    columns = {h["name"]: cfg.head_column(h) for h in cfg.heads}
-    for uri, table in tables:
-        present = [c for c in cfg.text_columns if c in table.column_names]
-        if not present:
-            raise InputError(f"{split} file {uri!r} has none of the text columns {cfg.text_columns}; its columns: {table.column_names}")
-        texts, errors = join_texts({c: _values(table, c) for c in cfg.text_columns}, separator)
-        keep = np.array([e is None for e in errors])
-        skipped += int((~keep).sum())
-        ids, _ = tokenize(tokenizer, [t for t in texts if t is not None], cfg.max_length)
-        ids_all.extend(ids)
-        for spec in specs:
+def _holdout(uri: str, first_row: int, n: int, fraction: float) -> np.ndarray:
+    # A stable hash of the row position picks the held-out rows, the same on every run.
+    return np.array([int(hashlib.md5(f"{uri}:{i}".encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
+                     for i in range(first_row, first_row + n)], dtype=bool)
+
+
+class _Encoder:
+    """Tokenizes and encodes chunks, adding their rows to splits through ``put``."""
+
+    def __init__(self, cfg: TrainConfig, specs: list[HeadSpec], tokenizer: Any, separator: str, put: Callable[[pa.Table], Any]) -> None:
+        self.cfg, self.specs, self.tokenizer, self.separator, self.put = cfg, specs, tokenizer, separator, put
+        self.columns = {h["name"]: cfg.head_column(h) for h in cfg.heads}
+
+    def add(self, targets: list[tuple[Split, np.ndarray]], source: ParquetSource, first_row: int, table: pa.Table, what: str) -> None:
+        """Encodes one chunk (label errors name the file's row) and adds each split its masked rows."""
+        n = table.num_rows
+        texts, errors = join_texts({c: _values(table, c) for c in self.cfg.text_columns}, self.separator)
+        has_text = np.array([e is None for e in errors], dtype=bool)
+        encoded = {}
+        for spec in self.specs:
+            column = self.columns.get(spec.name, spec.name)
             try:
-                enc = encode_labels(spec, _values(table, columns[spec.name]))
+                encoded[spec.name] = encode_labels(spec, _values(table, column), first_row=first_row).reshape(n, -1)
             except ValueError as exc:
-                raise InputError(f"{split} file {uri!r}, column {columns[spec.name]!r}: {exc}") from exc
-            labels_all[spec.name].append(enc[keep].reshape(int(keep.sum()), -1).astype(np.float32))
-    arrays = {"input_ids": pa.array(ids_all, pa.list_(pa.int32()))}
-    for spec in specs:
-        stacked = np.concatenate(labels_all[spec.name]) if labels_all[spec.name] else np.zeros((0, 1), np.float32)
-        arrays[f"y_{spec.name}"] = pa.array(list(stacked), pa.list_(pa.float32()))
-    return pa.table(arrays), skipped
+                raise InputError(f"{what} file {source.uri!r}, column {column!r}: {exc}") from exc
+        with_text = np.flatnonzero(has_text)
+        ids_all = tokenize(self.tokenizer, [texts[i] for i in with_text], self.cfg.max_length)[0] if len(with_text) else []
+        position = np.full(n, -1)
+        position[with_text] = np.arange(len(with_text))
+        for split, mask in targets:
+            split.skipped += int((mask & ~has_text).sum())
+            rows = np.flatnonzero(mask & has_text)
+            if not len(rows):
+                continue
+            arrays = {"input_ids": pa.array([ids_all[position[r]] for r in rows], pa.list_(pa.int32())),
+                      "row": pa.array(np.arange(split.rows, split.rows + len(rows)), pa.int64())}
+            for spec in self.specs:
+                y = encoded[spec.name][rows].astype(np.float32)
+                split.label_rows[spec.name] = split.label_rows.get(spec.name, 0) + int((y >= 0).any(axis=1).sum())
+                if spec.class_weights in BALANCED or spec.pos_weight in BALANCED:
+                    counts, total = label_counts(spec, y.reshape(-1) if spec.kind in ("binary", "multiclass") else y)
+                    split.counts[spec.name] = split.counts.get(spec.name, 0) + np.asarray(counts, dtype=np.int64)
+                    split.totals[spec.name] = split.totals.get(spec.name, 0) + total
+                arrays[f"y_{spec.name}"] = pa.array(list(y), pa.list_(pa.float32()))
+            split.parts.append(self.put(pa.table(arrays)))
+            split.rows += len(rows)
 
 
-def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: Optional[list[HeadSpec]] = None) -> PreparedData:
+def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: Optional[list[HeadSpec]] = None,
+                 put: Callable[[pa.Table], Any] = lambda t: t) -> PreparedData:
     """Reads, validates and encodes the training and validation data (see module docstring).
+
+    Files are read in pieces of :data:`CHUNK_ROWS` rows; each encoded piece goes to ``put`` at once
+    (the training job passes ``ray.put``), so the driver never holds a whole split.
 
     Args:
         cfg: Validated config.
@@ -247,25 +317,30 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
         separator: Joins several text columns.
         base_specs: Heads of ``init_model`` (kept as they are; config heads of the same name replace
             nothing and must match).
+        put: Called with every encoded piece; what it returns is kept in ``Split.parts``.
 
     Returns:
         The prepared data with the final head specs (labels resolved, balanced weights computed).
     """
     label_cols = [cfg.head_column(h) for h in cfg.heads]
     wanted = list(dict.fromkeys([*cfg.text_columns, *label_cols]))
-    train_tables = read_tables(cfg.train, wanted, "training")
-    rows = sum(t.num_rows for _, t in train_tables)
-    if rows == 0:
+    train_sources = list_sources(cfg.train)
+    if not any(s.rows for s in train_sources):
         raise InputError(f"the training set {cfg.train} is empty")
     for head, col in zip(cfg.heads, label_cols):
-        if not any(col in t.column_names for _, t in train_tables):
+        if not any(col in s.columns for s in train_sources):
             raise InputError(f"head {head['name']!r}: label column {col!r} is in none of the training files {cfg.train}")
+    val_sources = list_sources(cfg.validation) if cfg.validation else []
+    for source in [*train_sources, *val_sources]:
+        if not any(c in source.columns for c in cfg.text_columns):
+            raise InputError(f"file {source.uri!r} has none of the text columns {cfg.text_columns}; its columns: {source.columns}")
 
     specs = list(base_specs or [])
     for head, col in zip(cfg.heads, label_cols):
         data = {k: v for k, v in head.items() if k != "column"}
         if "labels" not in data:
-            values = [v for _, t in train_tables for v in _values(t, col)]
+            # Inferring labels reads only the label column, piece by piece.
+            values = (v for s in train_sources for _, t in read_chunks(s, [col], "training") for v in _values(t, col))
             data["labels"], groups = infer_labels(head["kind"], values)
             if groups is not None and "groups" not in data:
                 data["groups"] = groups
@@ -273,47 +348,32 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
                 raise InputError(f"head {head['name']!r}: column {col!r} has no labels in the training data")
         specs.append(HeadSpec.from_dict(data))
 
-    if cfg.max_train_rows:
-        capped, budget = [], cfg.max_train_rows
-        for uri, t in train_tables:
-            if budget > 0:
-                capped.append((uri, t.slice(0, budget)))
-                budget -= min(budget, t.num_rows)
-        train_tables = capped
-    if cfg.validation:
-        val_tables = read_tables(cfg.validation, wanted, "validation")
-    else:
-        val_tables, kept = [], []
-        for uri, t in train_tables:
-            # A stable hash of the row position picks the held-out rows, the same on every run.
-            pick = np.array([int(hashlib.md5(f"{uri}:{i}".encode()).hexdigest()[:8], 16) % 10_000 < cfg.validation_fraction * 10_000 for i in range(t.num_rows)])
-            val_tables.append((uri, t.filter(pa.array(pick))))
-            kept.append((uri, t.filter(pa.array(~pick))))
-        train_tables = kept
-
-    train, skipped_train = _encode_split(train_tables, cfg, specs, tokenizer, separator, "training")
-    if train.num_rows == 0:
+    encoder = _Encoder(cfg, specs, tokenizer, separator, put)
+    train, validation = Split(), Split()
+    budget = cfg.max_train_rows or None
+    for source in train_sources:
+        for first_row, table in read_chunks(source, wanted, "training"):
+            if budget is not None:
+                if budget <= 0:
+                    break
+                table = table.slice(0, budget)
+                budget -= table.num_rows
+            if cfg.validation:
+                encoder.add([(train, np.ones(table.num_rows, dtype=bool))], source, first_row, table, "training")
+            else:
+                pick = _holdout(source.uri, first_row, table.num_rows, cfg.validation_fraction)
+                encoder.add([(train, ~pick), (validation, pick)], source, first_row, table, "training")
+    if train.rows == 0:
         raise InputError("no training row has text: every row's text columns are null or empty")
-    validation, skipped_val = _encode_split(val_tables, cfg, specs, tokenizer, separator, "validation")
+    for source in val_sources:
+        for first_row, table in read_chunks(source, wanted, "validation"):
+            encoder.add([(validation, np.ones(table.num_rows, dtype=bool))], source, first_row, table, "validation")
+
     label_rows = {}
     for spec in specs:
-        counts = {}
-        for split, table in (("train", train), ("validation", validation)):
-            y = np.array(table.column(f"y_{spec.name}").to_pylist(), dtype=np.float32).reshape(table.num_rows, -1)
-            counts[split] = int((y >= 0).any(axis=1).sum()) if len(y) else 0
-        label_rows[spec.name] = counts
-        if counts["validation"] == 0:
+        label_rows[spec.name] = {"train": train.label_rows.get(spec.name, 0), "validation": validation.label_rows.get(spec.name, 0)}
+        if label_rows[spec.name]["validation"] == 0:
             raise InputError(f"head {spec.name!r}: the validation set has no label for this head; add labelled rows or drop the head")
-
-    resolved = []
-    for spec in specs:
-        if spec.class_weights in BALANCED or spec.pos_weight in BALANCED:
-            y = np.array(train.column(f"y_{spec.name}").to_pylist(), dtype=np.float32)
-            if spec.kind in ("multilabel", "grouped"):
-                y = y.reshape(len(y), -1)
-            else:
-                y = y.reshape(-1)
-            counts, total = label_counts(spec, y)
-            spec = spec.resolve_balanced(counts, total)
-        resolved.append(spec)
-    return PreparedData(resolved, train, validation, {"train": skipped_train, "validation": skipped_val}, label_rows)
+    resolved = [spec.resolve_balanced([int(c) for c in train.counts[spec.name]], train.totals[spec.name])
+                if spec.name in train.counts else spec for spec in specs]
+    return PreparedData(resolved, train, validation, {"train": train.skipped, "validation": validation.skipped}, label_rows)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
 from mtcls import MultiTaskModel, default_encoder_path
@@ -87,20 +86,19 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     base_specs = MultiTaskModel.config_class.from_pretrained(source).head_specs() if cfg.init_model else None
     separator = f" {tokenizer.sep_token or ' '} "
-    data = prepare_data(cfg, tokenizer, separator, base_specs)
+    data = prepare_data(cfg, tokenizer, separator, base_specs, put=ray.put)
     new_specs = data.specs[len(base_specs or []):]
     build_initial_model(cfg, new_specs if cfg.init_model else data.specs, work / "init", tokenizer)
-    log.info("training rows %d, validation rows %d, skipped (no text) %s", data.train.num_rows, data.validation.num_rows, data.skipped_rows)
+    log.info("training rows %d, validation rows %d, skipped (no text) %s", data.train.rows, data.validation.rows, data.skipped_rows)
 
-    validation = data.validation.append_column("row", pa.array(range(data.validation.num_rows), pa.int64()))
-    datasets = {"train": ray.data.from_arrow(data.train), "validation": ray.data.from_arrow(validation)}
+    datasets = {"train": ray.data.from_arrow_refs(data.train.parts), "validation": ray.data.from_arrow_refs(data.validation.parts)}
     cpus = ray.cluster_resources().get("CPU", 1)
     storage = cfg.storage_path or os.path.abspath("outputs/ray_train")
     run_name = f"mtcls-{int(started)}"
     loop_config = {
         "specs": [s.to_dict() for s in data.specs],
         "init_files": [ray.put(read_model_files(work / "init"))],
-        "train_rows": data.train.num_rows,
+        "train_rows": data.train.rows,
         "pad_token_id": tokenizer.pad_token_id or 0,
         "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
         "fault_epoch": int(os.environ.get("MTCLS_FAULT_EPOCH", "-1")),
@@ -156,7 +154,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "best_reports": best_reports,
         "tuned_thresholds": tuned,
         "heads": [s.to_dict() for s in model.specs.values()],
-        "rows": {"train": data.train.num_rows, "validation": data.validation.num_rows},
+        "rows": {"train": data.train.rows, "validation": data.validation.rows},
         "label_rows": data.label_rows,
         "skipped_rows_without_text": data.skipped_rows,
         "resumed_after_failure": final_state["resumes"],

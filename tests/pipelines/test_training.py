@@ -175,3 +175,53 @@ def test_progress_is_logged_during_an_epoch(caplog):
     caplog.clear()
     quiet.update(batches=1, rows=32, loss=1.0)
     assert caplog.text == ""
+
+
+def _prepare(tmp_path, tokenizer, *overrides):
+    from pipelines.train_data import prepare_data
+
+    cfg = load_config(TrainConfig, None, [f"heads={HEADS}", *overrides])
+    data = prepare_data(cfg, tokenizer, f" {tokenizer.sep_token} ")
+    tables = {split: pa.concat_tables(getattr(data, split).parts) for split in ("train", "validation")}
+    return data, tables
+
+
+def test_preparation_in_small_pieces_gives_the_same_data(tmp_path, tokenizer, monkeypatch):
+    import pipelines.train_data as train_data
+
+    rows = make_rows(90, 7).to_pylist()
+    rows[4]["text"] = None
+    rows[50]["text"] = "  "
+    rows[60]["sentiment"] = None
+    schema = make_rows(1, 0).schema
+    pq.write_table(pa.Table.from_pylist(rows[:55], schema=schema), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[55:], schema=schema), tmp_path / "b.parquet")
+    args = [f"train=[{tmp_path / 'a.parquet'},{tmp_path / 'b.parquet'}]", "validation_fraction=0.3", "max_train_rows=80"]
+    whole, whole_tables = _prepare(tmp_path, tokenizer, *args)
+    monkeypatch.setattr(train_data, "CHUNK_ROWS", 7)
+    pieces, piece_tables = _prepare(tmp_path, tokenizer, *args)
+    assert len(pieces.train.parts) > 5 and len(whole.train.parts) == 2
+    for split in ("train", "validation"):
+        assert piece_tables[split].equals(whole_tables[split])
+        assert piece_tables[split].column("row").to_pylist() == list(range(getattr(whole, split).rows))
+    assert whole.train.rows + whole.validation.rows + sum(whole.skipped_rows.values()) == 80
+    assert sum(whole.skipped_rows.values()) == 2
+    assert pieces.label_rows == whole.label_rows and pieces.skipped_rows == whole.skipped_rows
+    assert whole.label_rows["sentiment"]["train"] + whole.label_rows["sentiment"]["validation"] == 77
+    assert [s.to_dict() for s in pieces.specs] == [s.to_dict() for s in whole.specs]
+    assert isinstance(whole.specs[0].class_weights, list)
+
+
+def test_label_errors_name_the_row_of_the_file_when_read_in_pieces(tmp_path, tokenizer, monkeypatch):
+    import pipelines.train_data as train_data
+
+    rows = make_rows(30, 8).to_pylist()
+    rows[23]["sentiment"] = "meh"
+    pq.write_table(pa.Table.from_pylist(rows, schema=make_rows(1, 0).schema), tmp_path / "t.parquet")
+    monkeypatch.setattr(train_data, "CHUNK_ROWS", 5)
+    heads = 'heads=[{name: sentiment, kind: multiclass, labels: [pos, neg]}]'
+    with pytest.raises(InputError, match=r"t.parquet', column 'sentiment': head 'sentiment': row 23: label 'meh'"):
+        from pipelines.train_data import prepare_data
+
+        cfg = load_config(TrainConfig, None, [f"train=[{tmp_path / 't.parquet'}]", heads])
+        prepare_data(cfg, tokenizer, " [SEP] ")
