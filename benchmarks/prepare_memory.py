@@ -1,8 +1,8 @@
 """Driver memory of training-data preparation, printed as JSON.
 
-    python benchmarks/prepare_memory.py [--multipliers 1 4]
+    python benchmarks/prepare_memory.py [--multipliers 2 8]
 
-Writes the GoEmotions training split cycled to 1x and 4x its rows (row groups of 50,000 rows), and
+Writes the GoEmotions training split cycled to 2x and 8x its rows (row groups of 50,000 rows), and
 runs ``pipelines.train_data.prepare_data`` on each in a fresh process, twice: as the training job
 does (every piece goes to the Ray object store), and holding every piece in the driver (the
 baseline: what the job did before pieces went to the object store). It reports the peak growth of
@@ -65,14 +65,16 @@ def child(path: str, mode: str) -> None:
     stop.set()
     thread.join()
     peak[0] = max(peak[0], rss_anon_mb())
+    held = sum(t.nbytes for t in data.train.parts + data.validation.parts) if mode == "driver_memory" else 0
     print(json.dumps({"mode": mode, "rows": data.train.rows + data.validation.rows, "pieces": len(data.train.parts),
+                      "prepared_arrow_mb_held_by_driver": held / 2**20,
                       "seconds": seconds, "driver_peak_growth_mb": peak[0] - before}))
     ray.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--multipliers", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--child", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
