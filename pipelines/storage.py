@@ -74,13 +74,23 @@ def list_parquet_files(loc: Location) -> list[str]:
     return files
 
 
-def column_names(loc: Location, path: str) -> list[str]:
-    """The column names of one Parquet file (reads its footer only)."""
+def read_footer(loc: Location, path: str) -> tuple[pa.Schema, int]:
+    """The schema and row count of one Parquet file (reads its footer only).
+
+    Raises:
+        InputError: Naming the file whose footer is corrupt or unreadable.
+    """
     try:
         with loc.fs.open(path, "rb") as fh:
-            return pq.ParquetFile(fh).schema_arrow.names
+            pf = pq.ParquetFile(fh)
+            return pf.schema_arrow, pf.metadata.num_rows
     except Exception as exc:  # pyarrow raises several types for a bad footer
         raise InputError(f"cannot read Parquet file {loc.uri(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def column_names(loc: Location, path: str) -> list[str]:
+    """The column names of one Parquet file (reads its footer only)."""
+    return read_footer(loc, path)[0].names
 
 
 def inspect_parquet(loc: Location, files: list[str], required: list[str]) -> tuple[pa.Schema, dict[str, int]]:
@@ -100,13 +110,7 @@ def inspect_parquet(loc: Location, files: list[str], required: list[str]) -> tup
     rows: dict[str, int] = {}
     schema = None
     for path in files:
-        try:
-            with loc.fs.open(path, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                file_schema = pf.schema_arrow
-                rows[path] = pf.metadata.num_rows
-        except Exception as exc:  # pyarrow raises several types for a bad footer
-            raise InputError(f"cannot read Parquet file {loc.uri(path)!r}: {type(exc).__name__}: {exc}") from exc
+        file_schema, rows[path] = read_footer(loc, path)
         missing = [c for c in required if c not in file_schema.names]
         if missing:
             raise InputError(

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from mtcls import BALANCED, HeadSpec, HeadSpecError, encode_labels, join_texts, tokenize
 from mtcls.thresholds import DEFAULT_BINS
 from pipelines.config import ConfigError
-from pipelines.storage import InputError, Location, list_parquet_files, locate
+from pipelines.storage import InputError, Location, list_parquet_files, locate, read_footer
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(HeadSpec)}
@@ -170,12 +170,8 @@ def list_sources(uris: list[str]) -> list[ParquetSource]:
     for uri in uris:
         loc = locate(uri)
         for path in list_parquet_files(loc):
-            try:
-                with loc.fs.open(path, "rb") as fh:
-                    pf = pq.ParquetFile(fh)
-                    out.append(ParquetSource(loc, path, pf.schema_arrow.names, pf.metadata.num_rows))
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad footer
-                raise InputError(f"cannot read Parquet file {loc.uri(path)!r}: {type(exc).__name__}: {exc}") from exc
+            schema, rows = read_footer(loc, path)
+            out.append(ParquetSource(loc, path, schema.names, rows))
     return out
 
 
@@ -252,8 +248,17 @@ class PreparedData:
     specs: list[HeadSpec]
     train: Split
     validation: Split
-    skipped_rows: dict[str, int]
-    label_rows: dict[str, dict[str, int]]
+
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Rows without text, per split."""
+        return {"train": self.train.skipped, "validation": self.validation.skipped}
+
+    @property
+    def label_rows(self) -> dict[str, dict[str, int]]:
+        """Per head, the rows of each split with a label for it."""
+        return {s.name: {"train": self.train.label_rows.get(s.name, 0), "validation": self.validation.label_rows.get(s.name, 0)}
+                for s in self.specs}
 
 
 def _holdout(uri: str, first_row: int, n: int, fraction: float) -> np.ndarray:
@@ -335,15 +340,26 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
         if not any(c in source.columns for c in cfg.text_columns):
             raise InputError(f"file {source.uri!r} has none of the text columns {cfg.text_columns}; its columns: {source.columns}")
 
+    # Labels not in the config are inferred in one pass that reads only those label columns.
+    inferred = {h["name"]: (set(), []) for h in cfg.heads if "labels" not in h}
+    infer_cols = list(dict.fromkeys(col for h, col in zip(cfg.heads, label_cols) if h["name"] in inferred))
+    for source in train_sources if inferred else []:
+        for _, table in read_chunks(source, infer_cols, "training"):
+            for head, col in zip(cfg.heads, label_cols):
+                if head["name"] in inferred:
+                    labels, groups = infer_labels(head["kind"], _values(table, col))
+                    seen, group_order = inferred[head["name"]]
+                    seen.update(labels)
+                    group_order.extend(g for g in groups or [] if g not in group_order)
+
     specs = list(base_specs or [])
     for head, col in zip(cfg.heads, label_cols):
         data = {k: v for k, v in head.items() if k != "column"}
-        if "labels" not in data:
-            # Inferring labels reads only the label column, piece by piece.
-            values = (v for s in train_sources for _, t in read_chunks(s, [col], "training") for v in _values(t, col))
-            data["labels"], groups = infer_labels(head["kind"], values)
-            if groups is not None and "groups" not in data:
-                data["groups"] = groups
+        if head["name"] in inferred:
+            seen, group_order = inferred[head["name"]]
+            data["labels"] = sorted(seen)
+            if head["kind"] == "grouped" and "groups" not in data:
+                data["groups"] = group_order
             if not data["labels"]:
                 raise InputError(f"head {head['name']!r}: column {col!r} has no labels in the training data")
         specs.append(HeadSpec.from_dict(data))
@@ -369,11 +385,9 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
         for first_row, table in read_chunks(source, wanted, "validation"):
             encoder.add([(validation, np.ones(table.num_rows, dtype=bool))], source, first_row, table, "validation")
 
-    label_rows = {}
     for spec in specs:
-        label_rows[spec.name] = {"train": train.label_rows.get(spec.name, 0), "validation": validation.label_rows.get(spec.name, 0)}
-        if label_rows[spec.name]["validation"] == 0:
+        if not validation.label_rows.get(spec.name):
             raise InputError(f"head {spec.name!r}: the validation set has no label for this head; add labelled rows or drop the head")
     resolved = [spec.resolve_balanced([int(c) for c in train.counts[spec.name]], train.totals[spec.name])
                 if spec.name in train.counts else spec for spec in specs]
-    return PreparedData(resolved, train, validation, {"train": train.skipped, "validation": validation.skipped}, label_rows)
+    return PreparedData(resolved, train, validation)

@@ -75,8 +75,8 @@ def length_grouped(batches: Any, batch_size: int, seed: int) -> Any:
 class Progress:
     """Logs training progress (step, loss, examples/s, time left in the epoch) every ``every`` seconds."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, world: int, every: float = 30.0) -> None:
-        self.epoch, self.epochs, self.steps, self.world, self.every = epoch, epochs, steps, world, every
+    def __init__(self, epoch: int, epochs: int, steps: int, every: float = 30.0) -> None:
+        self.epoch, self.epochs, self.steps, self.every = epoch, epochs, steps, every
         self.start = self.last = time.perf_counter()
 
     def update(self, batches: int, rows: int, loss: float) -> None:
@@ -192,11 +192,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums = {s.name: 0.0 for s in specs}
         total_loss, batches, rows, epoch_start = 0.0, 0, 0, time.perf_counter()
-        progress = Progress(epoch, config["epochs"], math.ceil(config["train_rows"] / world / config["batch_size"]), world)
+        progress = Progress(epoch, config["epochs"], math.ceil(config["train_rows"] / world / config["batch_size"]))
         window = config["batch_size"] * max(1, config["length_grouping"])
         windows = train_shard.iter_batches(batch_size=window, batch_format="numpy",
                                            local_shuffle_buffer_size=max(2048, window), local_shuffle_seed=config["seed"] + epoch)
-        for i, batch in enumerate(length_grouped(windows, config["batch_size"], config["seed"] + epoch)):
+        for batch in length_grouped(windows, config["batch_size"], config["seed"] + epoch):
             ids, mask = pad_batch(batch["input_ids"], pad_id)
             labels = {s.name: _labels(s, batch[f"y_{s.name}"]).to(device) for s in specs}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -210,7 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 progress.update(batches, rows, total_loss / batches)
             _maybe_fail(config, epoch)
-            if (i + 1) % accum == 0:
+            if batches % accum == 0:
                 _step(scaler, optimizer, scheduler, params, config["max_grad_norm"])
         if batches % accum:
             _step(scaler, optimizer, scheduler, params, config["max_grad_norm"])

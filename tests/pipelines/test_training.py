@@ -168,10 +168,10 @@ def test_length_grouping_keeps_every_row_once_and_cuts_padding():
 
 def test_progress_is_logged_during_an_epoch(caplog):
     caplog.set_level("INFO", logger="pipelines.train_loop")
-    progress = Progress(epoch=1, epochs=3, steps=10, world=1, every=0.0)
+    progress = Progress(epoch=1, epochs=3, steps=10, every=0.0)
     progress.update(batches=5, rows=160, loss=0.5)
     assert "epoch 2/3: batch 5/10 (50%), mean loss 0.5000" in caplog.text
-    quiet = Progress(epoch=0, epochs=1, steps=10, world=1, every=3600.0)
+    quiet = Progress(epoch=0, epochs=1, steps=10, every=3600.0)
     caplog.clear()
     quiet.update(batches=1, rows=32, loss=1.0)
     assert caplog.text == ""
