@@ -42,7 +42,8 @@ def child(path: str, mode: str) -> None:
 
     import mtcls
     from pipelines.config import load_config
-    from pipelines.train_data import TrainConfig, prepare_data
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.data import prepare_data
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=1)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mtcls  # noqa: E402
-from pipelines.scoring import ScoreConfig, run_scoring  # noqa: E402
+from pipelines.score import ScoreConfig, run_score  # noqa: E402
 
 HEADS = [
     {"name": "emotions", "kind": "multilabel", "labels": [f"e{i}" for i in range(28)]},
@@ -92,16 +92,16 @@ def bench_job(corpus: Path, model_dir: Path, out: Path, **overrides) -> dict:
     cfg = ScoreConfig(input=str(corpus), output=str(out), model=str(model_dir), progress=False, overwrite=True, **overrides)
     with RssSampler() as rss:
         start = time.perf_counter()
-        manifest = run_scoring(cfg, model_dir, str(model_dir))
+        manifest = run_score(cfg)
         elapsed = time.perf_counter() - start
     return {"rows": manifest["rows_out"], "seconds": elapsed, "peak_rss_mb": rss.peak / 2**20, "errors": manifest["rows_error"]}
 
 
-def bench_forward(model, tokenizer, texts: list[str], batch_size: int = 64) -> float:
+def bench_forward(model, tokenizer, texts: list[str]) -> float:
     ids, _ = mtcls.tokenize(tokenizer, texts, 128)
     model.eval()
     start = time.perf_counter()
-    mtcls.predict_probabilities(model, ids, batch_size, tokenizer.pad_token_id)
+    mtcls.predict_probabilities(model, ids, tokenizer.pad_token_id)
     return len(texts) / (time.perf_counter() - start)
 
 

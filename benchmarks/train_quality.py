@@ -45,6 +45,7 @@ def baseline_throughput(cfg, steps: int, group_by_length: bool = False) -> float
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     import mtcls
+    from mtcls.kinds.multilabel import Multilabel
 
     head = cfg.heads[0]
     encoder = str(mtcls.default_encoder_path())
@@ -52,7 +53,7 @@ def baseline_throughput(cfg, steps: int, group_by_length: bool = False) -> float
     table = pq.read_table(ROOT / cfg.train[0], columns=[*cfg.text_columns, head.get("column") or head["name"]])
     texts = table.column(cfg.text_columns[0]).to_pylist()
     raw = table.column(head.get("column") or head["name"]).to_pylist()
-    multilabel = head["kind"] == "multilabel"
+    multilabel = isinstance(mtcls.get_kind(head["kind"]), Multilabel)  # the Trainer needs its problem type
     labels = sorted({l for v in raw if v for l in (v if multilabel else [v])})
     rows = []
     for text, value in zip(texts, raw):
@@ -96,20 +97,19 @@ def main() -> None:
     import ray
     import torch
 
-    from jobs import evaluate as evaluate_job
     from pipelines.config import load_config
-    from pipelines.train_data import TrainConfig
-    from pipelines.training import run_training
+    from pipelines.evaluate import EvalConfig, run_evaluate
+    from pipelines.train import TrainConfig, run_train
 
     work = Path(tempfile.mkdtemp(prefix=f"mtcls-{args.dataset}-"))
     cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{args.dataset}.yaml",
                       [f"output={work / 'model'}", f"storage_path={work / 'ray_train'}", *args.overrides])
     ray.init(include_dashboard=False, log_to_driver=False)
     start = time.time()
-    summary = run_training(cfg)
+    summary = run_train(cfg)
     train_minutes = (time.time() - start) / 60
-    report = evaluate_job.main([f"data={TEST[args.dataset]}", f"model={work / 'model'}", f"output={work / 'report'}",
-                                f"text_columns={json.dumps(cfg.text_columns)}", "plots=false", "progress=false"])
+    report = run_evaluate(EvalConfig(data=str(TEST[args.dataset]), model=str(work / "model"), output=str(work / "report"),
+                                     text_columns=cfg.text_columns, plots=False, progress=False))
     ray.shutdown()
     torch.set_num_threads(os.cpu_count() or 1)
     baseline = baseline_throughput(cfg, args.baseline_steps)

@@ -1,4 +1,4 @@
-"""Probabilities -> labels, per head kind, and the output column layout.
+"""Probabilities -> labels and output columns; the per-kind rules live in :mod:`mtcls.kinds`.
 
 Column conventions (N rows, K labels, G groups; the same names in every output table):
 
@@ -18,41 +18,23 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from mtcls.heads import HeadSpec
+from mtcls.kinds.distribution import DEFAULT_CUMULATIVE_THRESHOLD, cumulative_sets
 
-DEFAULT_CUMULATIVE_THRESHOLD = 0.9
-
-STRING, FLOAT, FLOAT_LIST, STRING_LIST, FLOAT_LIST_LIST = (
-    "string",
-    "float32",
-    "list<float32>",
-    "list<string>",
-    "list<list<float32>>",
-)
+__all__ = ["DEFAULT_CUMULATIVE_THRESHOLD", "cumulative_sets", "decode", "decode_arrow", "output_columns",
+           "predict_indices", "full_probabilities"]
 
 
-def output_columns(spec: HeadSpec) -> list[tuple[str, str]]:
-    """The (column name, type) pairs a head contributes to an output table, in order."""
-    h = spec.name
-    if spec.kind in ("binary", "multiclass"):
-        return [(f"{h}_label", STRING), (f"{h}_score", FLOAT), (f"{h}_probs", FLOAT_LIST)]
-    if spec.kind == "multilabel":
-        return [(f"{h}_labels", STRING_LIST), (f"{h}_probs", FLOAT_LIST)]
-    if spec.kind == "grouped":
-        cols: list[tuple[str, str]] = []
-        for g in spec.groups or []:
-            cols += [(f"{h}_{g}_label", STRING), (f"{h}_{g}_score", FLOAT)]
-        return cols + [(f"{h}_probs", FLOAT_LIST_LIST)]
-    return [(f"{h}_label", STRING), (f"{h}_score", FLOAT), (f"{h}_set", STRING_LIST), (f"{h}_probs", FLOAT_LIST)]
+def output_columns(spec: HeadSpec) -> list[tuple[str, pa.DataType]]:
+    """The (column name, Arrow type) pairs a head contributes to an output table, in order."""
+    return spec.impl.output_columns(spec)
 
 
 def full_probabilities(spec: HeadSpec, probs: np.ndarray) -> np.ndarray:
-    """Expands a binary head's (N, 1) positive probability to (N, 2); other kinds unchanged."""
-    if spec.kind == "binary":
-        p = probs.reshape(-1, 1)
-        return np.concatenate([1.0 - p, p], axis=1)
-    return probs
+    """Probabilities as written to ``<head>_probs`` (binary: (N, 2) [negative, positive])."""
+    return spec.impl.full_probabilities(spec, probs)
 
 
 def predict_indices(spec: HeadSpec, probs: np.ndarray) -> Any:
@@ -67,64 +49,25 @@ def predict_indices(spec: HeadSpec, probs: np.ndarray) -> Any:
         binary/multiclass/distribution: (N,) int64 label index (distribution: top-1);
         multilabel: (N, K) bool; grouped: (N, G) int64.
     """
-    if spec.kind == "binary":
-        return (probs.reshape(-1) >= spec.label_thresholds()[0]).astype(np.int64)
-    if spec.kind == "multilabel":
-        return probs >= np.asarray(spec.label_thresholds(), dtype=probs.dtype)
-    return probs.argmax(axis=-1).astype(np.int64)
+    return spec.impl.predict(spec, probs)
 
 
-def cumulative_sets(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest set of labels whose probabilities add up to ``threshold`` (card 004).
-
-    Args:
-        probs: (N, K) probabilities, rows summing to 1.
-        threshold: Cumulative probability to reach, in (0, 1).
-
-    Returns:
-        ``order`` (N, K): label indices by decreasing probability; ``sizes`` (N,): how many of
-        them form the set (at least 1).
-    """
-    order = np.argsort(-probs, axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
-    # A tiny tolerance so that [0.5, 0.4, 0.1] reaches 0.9 at two labels despite float rounding.
-    sizes = (cum < threshold - 1e-6).sum(axis=1) + 1
-    return order, np.minimum(sizes, probs.shape[1])
+def decode_arrow(spec: HeadSpec, probs: np.ndarray) -> dict[str, pa.Array]:
+    """One head's probabilities -> its output columns as Arrow arrays (vectorised, no Python rows)."""
+    return spec.impl.decode(spec, probs)
 
 
 def decode(spec: HeadSpec, probs: np.ndarray) -> dict[str, Any]:
-    """Turns one head's probabilities into its output columns (see module docstring).
+    """One head's output columns for notebooks: float columns as float32 arrays, the rest as lists.
 
     Args:
         spec: The head.
         probs: (N, 1) binary, (N, G, K) grouped, (N, K) otherwise; float.
 
     Returns:
-        ``{column: values}``; string columns as lists of str, list columns as lists of lists,
-        float columns as float32 arrays.
+        ``{column: values}`` (see module docstring).
     """
-    h = spec.name
-    probs = np.asarray(probs, dtype=np.float32)
-    labels = np.asarray(spec.labels, dtype=object)
-    idx = predict_indices(spec, probs)
-    if spec.kind in ("binary", "multiclass", "distribution"):
-        full = full_probabilities(spec, probs)
-        out = {
-            f"{h}_label": labels[idx].tolist(),
-            f"{h}_score": np.take_along_axis(full, idx[:, None], axis=1)[:, 0],
-            f"{h}_probs": full.tolist(),
-        }
-        if spec.kind == "distribution":
-            threshold = spec.cumulative_threshold or DEFAULT_CUMULATIVE_THRESHOLD
-            order, sizes = cumulative_sets(full, threshold)
-            out[f"{h}_set"] = [labels[o[:s]].tolist() for o, s in zip(order, sizes)]
-            out[f"{h}_probs"] = out.pop(f"{h}_probs")  # keep the documented column order
-        return out
-    if spec.kind == "multilabel":
-        return {f"{h}_labels": [labels[row].tolist() for row in idx], f"{h}_probs": probs.tolist()}
-    out = {}
-    for g, group in enumerate(spec.groups or []):
-        out[f"{h}_{group}_label"] = labels[idx[:, g]].tolist()
-        out[f"{h}_{group}_score"] = np.take_along_axis(probs[:, g, :], idx[:, g : g + 1], axis=1)[:, 0]
-    out[f"{h}_probs"] = probs.tolist()
+    out: dict[str, Any] = {}
+    for name, array in decode_arrow(spec, probs).items():
+        out[name] = array.to_numpy() if pa.types.is_floating(array.type) else array.to_pylist()
     return out

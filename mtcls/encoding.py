@@ -9,23 +9,14 @@ Labels: names -> indices in the layouts of :mod:`mtcls.losses`; ``None``/NaN -> 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from mtcls.heads import HeadSpec
-from mtcls.losses import IGNORE_INDEX
+from mtcls.kinds.base import INVALID_LABEL, LabelError, is_missing
 
-INVALID_LABEL = -1  # a label outside the head's set, when the caller asked to mark rather than raise
-
-
-class LabelError(ValueError):
-    """A label value cannot be encoded; the message names the head, the row and the value."""
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+__all__ = ["INVALID_LABEL", "LabelError", "decode_labels", "encode_labels", "join_texts", "text_separator"]
 
 
 def join_texts(
@@ -49,7 +40,7 @@ def join_texts(
         parts = []
         for name in names:
             value = columns[name][i]
-            if _is_missing(value):
+            if is_missing(value):
                 continue
             if isinstance(value, bytes):
                 try:
@@ -72,15 +63,6 @@ def join_texts(
     return texts, errors
 
 
-def _label_index(spec: HeadSpec, index: dict[str, int], value: Any, row: int, on_unknown: str) -> int:
-    key = value if isinstance(value, str) else str(value) if isinstance(value, (int, np.integer)) else None
-    if key is not None and key in index:
-        return index[key]
-    if on_unknown == "mark":
-        return INVALID_LABEL
-    raise LabelError(f"head {spec.name!r}: row {row}: label {value!r} is not one of {spec.labels}")
-
-
 def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "error", first_row: int = 0) -> np.ndarray:
     """Encodes one head's raw label values.
 
@@ -100,77 +82,24 @@ def encode_labels(spec: HeadSpec, values: Sequence[Any], on_unknown: str = "erro
     """
     if on_unknown not in ("error", "mark"):
         raise ValueError(f"on_unknown must be 'error' or 'mark', got {on_unknown!r}")
-    index = {name: i for i, name in enumerate(spec.labels)}
-    n, k = len(values), spec.num_labels
-    if spec.kind in ("binary", "multiclass"):
-        out = np.full(n, IGNORE_INDEX, dtype=np.int64)
-        for i, v in enumerate(values):
-            if not _is_missing(v):
-                out[i] = _label_index(spec, index, v, i + first_row, on_unknown)
-        return out
-    if spec.kind == "multilabel":
-        out = np.full((n, k), IGNORE_INDEX, dtype=np.float32)
-        for i, v in enumerate(values):
-            if _is_missing(v):
-                continue
-            if isinstance(v, str) or not hasattr(v, "__iter__"):
-                raise LabelError(f"head {spec.name!r}: row {i + first_row}: expected a list of label names, got {v!r}")
-            out[i] = 0.0
-            for name in v:
-                j = _label_index(spec, index, name, i + first_row, on_unknown)
-                if j == INVALID_LABEL:
-                    out[i] = INVALID_LABEL
-                    break
-                out[i, j] = 1.0
-        return out
-    if spec.kind == "grouped":
-        groups = {g: j for j, g in enumerate(spec.groups or [])}
-        out = np.full((n, len(groups)), IGNORE_INDEX, dtype=np.int64)
-        for i, v in enumerate(values):
-            if _is_missing(v):
-                continue
-            items = v.items() if isinstance(v, dict) else v
-            for g, label in items:
-                if g not in groups:
-                    raise LabelError(f"head {spec.name!r}: row {i + first_row}: unknown group {g!r}; groups: {spec.groups}")
-                if not _is_missing(label):
-                    out[i, groups[g]] = _label_index(spec, index, label, i + first_row, on_unknown)
-        return out
-    out = np.full((n, k), IGNORE_INDEX, dtype=np.float32)
-    for i, v in enumerate(values):
-        if _is_missing(v):
-            continue
-        if isinstance(v, dict):
-            row = np.zeros(k, dtype=np.float64)
-            for name, p in v.items():
-                j = _label_index(spec, index, name, i + first_row, on_unknown)
-                if j == INVALID_LABEL:
-                    row[:] = INVALID_LABEL
-                    break
-                row[j] = p
-        else:
-            row = np.asarray(list(v), dtype=np.float64)
-            if row.shape != (k,):
-                raise LabelError(f"head {spec.name!r}: row {i + first_row}: expected {k} probabilities, got {len(row)}")
-        if (row == INVALID_LABEL).all():
-            out[i] = INVALID_LABEL
-            continue
-        total = row.sum()
-        if not np.isfinite(row).all() or (row < 0).any() or abs(total - 1.0) > 1e-3:
-            raise LabelError(
-                f"head {spec.name!r}: row {i + first_row}: soft labels must be non-negative and sum to 1, got {v!r}"
-            )
-        out[i] = row / total
-    return out
+    return spec.impl.encode(spec, values, on_unknown, first_row)
 
 
 def decode_labels(spec: HeadSpec, encoded: np.ndarray) -> list[Any]:
     """Inverse of :func:`encode_labels` (distribution heads give back their probability lists)."""
-    labels = spec.labels
-    if spec.kind in ("binary", "multiclass"):
-        return [labels[j] if j >= 0 else None for j in encoded.tolist()]
-    if spec.kind == "multilabel":
-        return [None if (row < 0).any() else [labels[j] for j in np.flatnonzero(row > 0.5)] for row in encoded]
-    if spec.kind == "grouped":
-        return [{g: (labels[j] if j >= 0 else None) for g, j in zip(spec.groups or [], row.tolist())} for row in encoded]
-    return [None if (row < 0).any() else row.tolist() for row in encoded]
+    return spec.impl.decode_labels(spec, encoded)
+
+
+def text_separator(config: Any, tokenizer: Any) -> str:
+    """The one rule for joining several text columns, shared by training, scoring and evaluation.
+
+    Args:
+        config: A :class:`~mtcls.configuration.MultiTaskConfig` (its ``text_separator`` wins when
+            set), or None for a model still to be built.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        The configured separator, else the tokenizer's separator token with a space either side.
+    """
+    configured = getattr(config, "text_separator", None)
+    return configured or f" {getattr(tokenizer, 'sep_token', None) or ' '} "

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-HEAD_KINDS = ("binary", "multiclass", "multilabel", "grouped", "distribution")
+from mtcls.kinds import HeadKind, get_kind, kind_names
+
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 # Head and group names become Parquet column names, so they must be plain identifiers.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -43,13 +44,15 @@ def _check_names(head: str, field_name: str, names: Any, what: str) -> list[str]
     return out
 
 
-def _check_probability(head: str, field_name: str, value: Any) -> float:
+def check_probability(head: str, field_name: str, value: Any) -> float:
+    """A number strictly inside (0, 1), or a :class:`HeadSpecError` naming the head and field."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         _fail(head, field_name, f"must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
 
 
-def _check_positive_list(head: str, field_name: str, values: Any, n: int) -> list[float]:
+def check_positive_list(head: str, field_name: str, values: Any, n: int) -> list[float]:
+    """``n`` positive finite numbers, or a :class:`HeadSpecError` naming the head and field."""
     if not isinstance(values, (list, tuple)) or len(values) != n:
         _fail(head, field_name, f"must be a list of {n} positive numbers (one per label), got {values!r}")
     out = []
@@ -112,14 +115,11 @@ class HeadSpec:
             raise HeadSpecError(
                 f"head name {name!r} is invalid: use letters, digits and '_', starting with a letter"
             )
-        if self.kind not in HEAD_KINDS:
-            _fail(name, "kind", f"unknown head kind {self.kind!r}; expected one of {list(HEAD_KINDS)}")
+        if self.kind not in kind_names():
+            _fail(name, "kind", f"unknown head kind {self.kind!r}; expected one of {kind_names()}")
+        kind = self.impl
         self.labels = _check_names(name, "labels", self.labels, "label")
-        if self.kind == "binary" and len(self.labels) != 2:
-            _fail(name, "labels", f"a binary head has exactly 2 labels (negative, positive), got {self.labels}")
-        if self.kind in ("multiclass", "grouped", "distribution") and len(self.labels) < 2:
-            _fail(name, "labels", f"a {self.kind} head needs at least 2 labels, got {self.labels}")
-        if self.kind == "grouped":
+        if kind.has_groups:
             self.groups = _check_names(name, "groups", self.groups, "group")
             for g in self.groups:
                 if not _NAME_RE.match(g):
@@ -127,13 +127,18 @@ class HeadSpec:
         elif self.groups is not None:
             _fail(name, "groups", f"only grouped heads have groups (this head is {self.kind})")
         self._validate_mlp()
-        self._validate_weights()
-        self._validate_thresholds()
+        self._validate_kind_fields(kind)
+        kind.validate(self, lambda field_name, message: _fail(name, field_name, message))
         if not isinstance(self.inputs_from, (list, tuple)) or not all(isinstance(s, str) for s in self.inputs_from):
             _fail(name, "inputs_from", f"must be a list of head names, got {self.inputs_from!r}")
         if name in self.inputs_from:
             _fail(name, "inputs_from", "a head cannot take its own output as input")
         self.inputs_from = list(self.inputs_from)
+
+    @property
+    def impl(self) -> HeadKind:
+        """The head's kind (its logits, loss, labels, decoding, statistics): see :mod:`mtcls.kinds`."""
+        return get_kind(self.kind)
 
     def _validate_mlp(self) -> None:
         if not isinstance(self.hidden_sizes, (list, tuple)) or not all(
@@ -150,42 +155,22 @@ class HeadSpec:
         ):
             _fail(self.name, "loss_weight", f"must be a non-negative number, got {self.loss_weight!r}")
 
-    def _validate_weights(self) -> None:
-        name, kind = self.name, self.kind
-        if self.class_weights is not None:
-            if kind not in ("multiclass", "grouped"):
-                _fail(name, "class_weights", f"applies to multiclass and grouped heads; use pos_weight for {kind}")
-            if self.class_weights not in BALANCED:
-                self.class_weights = _check_positive_list(name, "class_weights", self.class_weights, len(self.labels))
-        if self.pos_weight is not None:
-            if kind not in ("binary", "multilabel"):
-                _fail(name, "pos_weight", f"applies to binary and multilabel heads; use class_weights for {kind}")
-            if self.pos_weight in BALANCED:
-                pass
-            elif kind == "binary":
-                self.pos_weight = _check_positive_list(name, "pos_weight", [self.pos_weight], 1)[0]
-            else:
-                self.pos_weight = _check_positive_list(name, "pos_weight", self.pos_weight, len(self.labels))
-
-    def _validate_thresholds(self) -> None:
-        name, kind = self.name, self.kind
-        if self.thresholds is not None:
-            if kind == "binary":
-                self.thresholds = _check_probability(name, "thresholds", self.thresholds)
-            elif kind == "multilabel":
-                if isinstance(self.thresholds, (list, tuple)):
-                    if len(self.thresholds) != len(self.labels):
-                        _fail(name, "thresholds", f"needs one threshold per label ({len(self.labels)}), got {len(self.thresholds)}")
-                    self.thresholds = [_check_probability(name, "thresholds", t) for t in self.thresholds]
-                else:
-                    self.thresholds = _check_probability(name, "thresholds", self.thresholds)
-            else:
-                _fail(name, "thresholds", f"applies to binary and multilabel heads, not {kind}")
-        if self.cumulative_threshold is not None:
-            if kind != "distribution":
-                _fail(name, "cumulative_threshold", f"applies to distribution heads, not {kind}")
-            self.cumulative_threshold = _check_probability(name, "cumulative_threshold", self.cumulative_threshold)
-            # 1.0 itself would always select every label, so (0, 1) is the useful range.
+    def _validate_kind_fields(self, kind: HeadKind) -> None:
+        # Weight and threshold fields exist on every spec; each kind accepts only its own.
+        for field_name in ("class_weights", "pos_weight"):
+            value = getattr(self, field_name)
+            if value is None:
+                continue
+            if kind.weight_field != field_name:
+                users = [k for k in kind_names() if get_kind(k).weight_field == field_name]
+                instead = f"; use {kind.weight_field} for {self.kind}" if kind.weight_field else ""
+                _fail(self.name, field_name, f"applies to {' and '.join(users)} heads{instead}")
+            if value not in BALANCED:
+                setattr(self, field_name, kind.check_weights(self, value))
+        for field_name in ("thresholds", "cumulative_threshold"):
+            if getattr(self, field_name) is not None and field_name not in kind.own_fields:
+                users = [k for k in kind_names() if field_name in get_kind(k).own_fields]
+                _fail(self.name, field_name, f"applies to {' and '.join(users)} heads, not {self.kind}")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -199,11 +184,7 @@ class HeadSpec:
     @property
     def num_logits(self) -> int:
         """Width of the head's output layer."""
-        if self.kind == "binary":
-            return 1
-        if self.kind == "grouped":
-            return self.num_groups * self.num_labels
-        return self.num_labels
+        return self.impl.num_logits(self)
 
     @property
     def num_probs(self) -> int:
@@ -211,11 +192,8 @@ class HeadSpec:
         return self.num_logits
 
     def label_thresholds(self) -> list[float]:
-        """Per-label decision thresholds (binary: one value; multilabel: one per label)."""
-        t = 0.5 if self.thresholds is None else self.thresholds
-        if self.kind == "multilabel":
-            return list(t) if isinstance(t, list) else [float(t)] * self.num_labels
-        return [float(t)]
+        """Per-label decision thresholds of a tunable kind (binary: one value; multilabel: one per label)."""
+        return self.impl.thresholds(self)
 
     def resolve_balanced(self, counts: list[int], total: int) -> "HeadSpec":
         """Turns ``"balanced"`` class or positive weights into numbers from label counts.
@@ -229,19 +207,10 @@ class HeadSpec:
             A copy of this spec with explicit weights. Weights of labels never seen are 1.0.
         """
         spec = dataclasses.replace(self)
-        if self.class_weights in BALANCED:
-            k = self.num_labels
-            weights = [float(total) / (k * c) if c > 0 else 1.0 for c in counts]
-            spec.class_weights = [w ** 0.5 for w in weights] if self.class_weights == "sqrt_balanced" else weights
-        if self.pos_weight in BALANCED:
-            if self.kind == "binary":
-                neg, pos = counts
-                weights = [float(neg) / pos if pos > 0 and neg > 0 else 1.0]
-            else:
-                weights = [float(total - c) / c if 0 < c < total else 1.0 for c in counts]
-            if self.pos_weight == "sqrt_balanced":
-                weights = [w ** 0.5 for w in weights]
-            spec.pos_weight = weights[0] if self.kind == "binary" else weights
+        for field_name in ("class_weights", "pos_weight"):
+            value = getattr(self, field_name)
+            if value in BALANCED:
+                setattr(spec, field_name, self.impl.resolve_weights(self, counts, total, sqrt=value == "sqrt_balanced"))
         return spec
 
     def to_dict(self) -> dict[str, Any]:

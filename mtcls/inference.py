@@ -1,124 +1,273 @@
-"""Batched inference without Ray: texts -> tokens -> one encoder pass -> every head's columns.
+"""The inference engine: texts or token ids -> one encoder pass -> every head's probabilities.
 
-The Ray predictor actor in ``pipelines`` calls the same functions, so a notebook and the
-distributed job produce identical predictions.
+Notebooks (:func:`predict_texts`), the scoring actor, the evaluation actor and training all go
+through the same pieces here, so they use the same separator, tokenization, batching and
+precision, and produce identical probabilities for the same rows.
+
+Batches are cut by a token budget: rows are sorted by length and a batch takes rows while
+``rows x longest row`` stays within ``max_tokens_per_batch`` (short texts make large batches,
+long texts small ones, and padding stays small).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from mtcls.decoding import decode
+from mtcls.encoding import text_separator
 from mtcls.modeling import MultiTaskModel, head_probabilities
+from mtcls.precision import Precision, resolve_precision
+
+#: Token budgets per forward pass, measured (benchmarks/RESULTS.md): CPU gains nothing past about
+#: 64 rows of short text; a GPU wants large batches.
+DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
+MAX_BATCH_ROWS = 1024
+
+
+@dataclass
+class Tokens:
+    """Token ids of many rows, flat: row ``i`` is ``ids[offsets[i]:offsets[i + 1]]``."""
+
+    ids: np.ndarray  # (total,) int32
+    offsets: np.ndarray  # (N + 1,) int64
+    truncated: np.ndarray  # (N,) bool
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self) -> list[np.ndarray]:
+        """Per-row id arrays (views, no copy)."""
+        return [self.ids[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[int]], truncated: Optional[np.ndarray] = None) -> "Tokens":
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+        return cls(ids, offsets, np.zeros(len(rows), bool) if truncated is None else np.asarray(truncated, bool))
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """Tokenizes texts without padding.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer (a fast one reports truncation for free).
-        texts: Non-empty strings.
-        max_length: Token limit per text, special tokens included.
+    """Tokenizes texts without padding (list form, for training data preparation and tests).
 
     Returns:
         ``(input_ids, truncated)``: token id lists, and a bool array, True where a text was cut.
     """
-    if not texts:
-        return [], np.zeros(0, dtype=bool)
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    if getattr(enc, "encodings", None):
-        truncated = np.array([len(e.overflowing) > 0 for e in enc.encodings], dtype=bool)
-    else:  # slow tokenizer: compare with an untruncated pass
+    tokens = tokenize_flat(tokenizer, texts, max_length)
+    return [r.tolist() for r in tokens.rows()], tokens.truncated
+
+
+def tokenize_flat(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tokens:
+    """Tokenizes texts with the ``tokenizers`` batch API (no per-row Python objects from transformers).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer; a fast one is used through its Rust backend, a slow
+            one through its ``__call__``.
+        texts: Non-empty strings.
+        max_length: Token limit per text, special tokens included.
+
+    Returns:
+        :class:`Tokens`; ``truncated`` is True where a text was cut.
+    """
+    if not len(texts):
+        return Tokens(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, bool))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # slow tokenizer: compare with an untruncated pass
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
         full = tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
-        truncated = np.array([len(f) > max_length for f in full], dtype=bool)
-    return enc["input_ids"], truncated
+        return Tokens.from_rows(ids, np.array([len(f) > max_length for f in full], dtype=bool))
+    fast = _truncating_backend(backend, max_length)
+    encodings = fast.encode_batch_fast(list(texts), add_special_tokens=True)
+    truncated = np.fromiter((len(e.overflowing) > 0 for e in encodings), dtype=bool, count=len(encodings))
+    return Tokens.from_rows([e.ids for e in encodings], truncated)
+
+
+_BACKENDS: dict[tuple[int, int], Any] = {}
+
+
+def _truncating_backend(backend: Any, max_length: int) -> Any:
+    # A private copy per (tokenizer, limit): truncation and padding are state of the Rust object.
+    key = (id(backend), max_length)
+    if key not in _BACKENDS:
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_padding()
+        copy.enable_truncation(max_length=max_length)
+        _BACKENDS[key] = copy
+    return _BACKENDS[key]
+
+
+def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_rows: int = MAX_BATCH_ROWS) -> list[np.ndarray]:
+    """Row indices grouped into batches by a token budget, shortest rows first.
+
+    Args:
+        lengths: (N,) tokens per row.
+        max_tokens: Budget per batch: rows x the batch's longest row (its padded size).
+        max_rows: Cap on rows per batch.
+
+    Returns:
+        Index arrays; every row appears in exactly one (a row longer than the budget alone).
+    """
+    order = np.argsort(lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        # Sorted ascending, so the last row of a batch is its longest.
+        end = start + 1
+        while end < n and end - start < max_rows and (end - start + 1) * lengths[order[end]] <= max_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def pad_batch(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> right-padded (B, T) ids and attention mask, T = the longest row."""
-    width = max(len(r) for r in rows)
+    """Token id rows -> right-padded (B, T) ids and attention mask, T = the longest row."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max())
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    ids[mask] = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-@torch.inference_mode()
-def predict_probabilities(
-    model: MultiTaskModel,
-    input_ids: list[list[int]],
-    batch_size: int = 64,
-    pad_token_id: int = 0,
-    autocast_dtype: Optional[torch.dtype] = None,
-) -> dict[str, np.ndarray]:
-    """Runs the model on pre-tokenized rows in length-sorted mini-batches.
-
-    Sorting by length keeps padding (wasted compute) small; results come back in input order.
+class InferenceEngine:
+    """A model, its tokenizer and how to run them: the one inference path of the project.
 
     Args:
-        model: The model, already on its device and in eval mode.
-        input_ids: Token id lists, one per row.
-        batch_size: Rows per forward pass.
-        pad_token_id: The tokenizer's padding id.
-        autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run under autocast (GPU), or None.
-
-    Returns:
-        ``{head: probabilities}`` in input order, float32 numpy arrays.
+        model: The model (moved to ``device`` and put in eval mode here).
+        tokenizer: Its tokenizer (None for an engine fed token ids only).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :mod:`mtcls.precision`).
+        device: ``"auto"`` (CUDA when available), or a device.
+        max_length: Token limit; None uses the model config's ``max_seq_length``.
+        max_tokens_per_batch: Token budget per forward pass; None picks the device's default.
+        pad_token_id: Padding id when there is no tokenizer.
     """
-    device = next(model.parameters()).device
-    n = len(input_ids)
-    out: dict[str, np.ndarray] = {}
-    if n == 0:
-        return {name: np.zeros((0, *_prob_shape(spec)), np.float32) for name, spec in model.specs.items()}
-    order = np.argsort([len(r) for r in input_ids], kind="stable")
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    )
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = pad_batch([input_ids[i] for i in idx], pad_token_id)
-        with autocast:
-            result = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-        for name, logits in result.logits.items():
-            probs = head_probabilities(model.specs[name], logits.float()).cpu().numpy()
-            if name not in out:
-                out[name] = np.empty((n, *probs.shape[1:]), dtype=np.float32)
-            out[name][idx] = probs
-    return out
+
+    def __init__(self, model: MultiTaskModel, tokenizer: Any, precision: str = "auto",
+                 device: Union[str, torch.device] = "auto", max_length: Optional[int] = None,
+                 max_tokens_per_batch: Optional[int] = None, pad_token_id: int = 0) -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.precision: Precision = resolve_precision(precision, self.device)
+        self.max_length = max_length or model.config.max_seq_length
+        self.max_tokens = max_tokens_per_batch or DEFAULT_MAX_TOKENS.get(self.device.type, DEFAULT_MAX_TOKENS["cpu"])
+        self.separator = text_separator(model.config, tokenizer)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or pad_token_id
+
+    @classmethod
+    def load(cls, model_dir: Union[str, Path], torch_threads: int = 0, **kwargs: Any) -> "InferenceEngine":
+        """Loads a saved model directory (model + tokenizer).
+
+        Args:
+            model_dir: Local directory written by ``save_pretrained`` (and the tokenizer's).
+            torch_threads: CPU intra-op threads (0 leaves torch's default).
+            **kwargs: Further :class:`InferenceEngine` arguments.
+        """
+        from transformers import AutoTokenizer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        return cls(MultiTaskModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), **kwargs)
+
+    @property
+    def specs(self) -> dict[str, Any]:
+        return self.model.specs
+
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """Texts -> :class:`Tokens` under the engine's ``max_length``."""
+        return tokenize_flat(self.tokenizer, texts, self.max_length)
+
+    @torch.inference_mode()
+    def predict_tokens(self, tokens: Union[Tokens, Sequence[Sequence[int]]]) -> dict[str, np.ndarray]:
+        """Runs every head on pre-tokenized rows; results come back in input order.
+
+        On a GPU, host tensors are pinned and copied without blocking, and a batch's results are
+        fetched only after the next batch was launched, so host work overlaps GPU compute.
+
+        Returns:
+            ``{head: probabilities}`` float32 arrays: (N, 1) binary, (N, G, K) grouped, (N, K) otherwise.
+        """
+        if not isinstance(tokens, Tokens):
+            tokens = Tokens.from_rows(tokens)
+        n = len(tokens)
+        out = {name: np.empty((n, *spec.impl.logit_shape(spec)), np.float32) for name, spec in self.specs.items()}
+        if n == 0:
+            return out
+        rows = tokens.rows()
+        cuda = self.device.type == "cuda"
+        dtype = self.precision.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        pending: Optional[tuple[np.ndarray, dict[str, torch.Tensor]]] = None
+        for idx in token_budget_batches(tokens.lengths, self.max_tokens):
+            ids, mask = pad_batch([rows[i] for i in idx], self.pad_id)
+            if cuda:
+                ids, mask = ids.pin_memory(), mask.pin_memory()
+            with autocast:
+                result = self.model(input_ids=ids.to(self.device, non_blocking=cuda),
+                                    attention_mask=mask.to(self.device, non_blocking=cuda))
+            probs = {name: head_probabilities(self.specs[name], logits.float()) for name, logits in result.logits.items()}
+            if pending is not None:
+                self._collect(out, *pending)
+            pending = (idx, probs)
+        self._collect(out, *pending)
+        return out
+
+    @staticmethod
+    def _collect(out: dict[str, np.ndarray], idx: np.ndarray, probs: dict[str, torch.Tensor]) -> None:
+        for name, p in probs.items():
+            out[name][idx] = p.cpu().numpy()
+
+    def predict(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Texts -> ``({head: probabilities}, truncated)``."""
+        tokens = self.tokenize(texts)
+        return self.predict_tokens(tokens), tokens.truncated
 
 
-def _prob_shape(spec: Any) -> tuple[int, ...]:
-    return (spec.num_groups, spec.num_labels) if spec.kind == "grouped" else (spec.num_logits,)
+def predict_probabilities(model: MultiTaskModel, input_ids: Sequence[Sequence[int]], pad_token_id: int = 0,
+                          precision: str = "fp32", max_tokens_per_batch: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Probabilities for pre-tokenized rows with a model on its current device (see :class:`InferenceEngine`)."""
+
+    engine = InferenceEngine(model, None, precision, device=next(model.parameters()).device,
+                             max_tokens_per_batch=max_tokens_per_batch, pad_token_id=pad_token_id)
+    return engine.predict_tokens(input_ids)
 
 
-def predict_texts(
-    model: MultiTaskModel,
-    tokenizer: Any,
-    texts: Sequence[str],
-    batch_size: int = 64,
-    max_length: Optional[int] = None,
-) -> dict[str, Any]:
+def predict_texts(model: MultiTaskModel, tokenizer: Any, texts: Sequence[str], max_length: Optional[int] = None,
+                  precision: str = "fp32", max_tokens_per_batch: Optional[int] = None) -> dict[str, Any]:
     """Predicts every head for a list of texts: the notebook entry point.
 
     Args:
-        model: A :class:`MultiTaskModel` (put in eval mode here).
+        model: A :class:`MultiTaskModel` (put in eval mode here; stays on its device).
         tokenizer: Its tokenizer.
         texts: Non-empty strings.
-        batch_size: Rows per forward pass.
-        max_length: Token limit; defaults to the model config's ``max_length``.
+        max_length: Token limit; defaults to the model config's ``max_seq_length``.
+        precision: See :mod:`mtcls.precision`.
+        max_tokens_per_batch: Token budget per forward pass.
 
     Returns:
         ``{column: values}`` following :mod:`mtcls.decoding`'s conventions, plus ``truncated``.
     """
-    model.eval()
-    ids, truncated = tokenize(tokenizer, texts, max_length or model.config.max_seq_length)
-    probs = predict_probabilities(model, ids, batch_size, tokenizer.pad_token_id or 0)
+    engine = InferenceEngine(model, tokenizer, precision, device=next(model.parameters()).device,
+                             max_length=max_length, max_tokens_per_batch=max_tokens_per_batch)
+    probs, truncated = engine.predict(texts)
     columns: dict[str, Any] = {}
     for name, spec in model.specs.items():
         columns.update(decode(spec, probs[name]))

@@ -1,4 +1,4 @@
-"""Per-kind losses with label masking.
+"""Per-head losses with label masking; the formulas live in each head kind (:mod:`mtcls.kinds`).
 
 Label tensors use ``IGNORE_INDEX`` (-100) for "no label": a row (or a group, or a multilabel entry)
 without a label contributes nothing to its head's loss. A batch with no labels at all for a head
@@ -18,15 +18,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from mtcls.heads import HeadSpec
+from mtcls.kinds import IGNORE_INDEX, mean_of_parts
 
-IGNORE_INDEX = -100
-
-
-def _zero(logits: torch.Tensor) -> torch.Tensor:
-    return logits.sum() * 0.0
+__all__ = ["IGNORE_INDEX", "head_loss"]
 
 
 def head_loss(
@@ -49,45 +45,5 @@ def head_loss(
         A scalar tensor: the mean loss over labelled rows (grouped: the mean over groups of
         per-group cross-entropies), or a zero connected to ``logits`` when nothing is labelled.
     """
-    logits = logits.float()
-    kind = spec.kind
-    if kind == "binary":
-        y = labels.float().reshape(-1)
-        mask = y != IGNORE_INDEX
-        if not mask.any():
-            return _zero(logits)
-        return F.binary_cross_entropy_with_logits(logits.reshape(-1)[mask], y[mask], pos_weight=pos_weight)
-    if kind == "multiclass":
-        y = labels.long().reshape(-1)
-        if not (y != IGNORE_INDEX).any():
-            return _zero(logits)
-        return F.cross_entropy(logits, y, weight=class_weights, ignore_index=IGNORE_INDEX)
-    if kind == "multilabel":
-        y = labels.float()
-        mask = y != IGNORE_INDEX
-        if not mask.any():
-            return _zero(logits)
-        per_entry = F.binary_cross_entropy_with_logits(
-            logits, y.clamp(min=0.0), pos_weight=pos_weight, reduction="none"
-        )  # (B, L)
-        return (per_entry * mask).sum() / mask.sum()
-    if kind == "grouped":
-        y = labels.long()  # (B, G)
-        losses = []
-        for g in range(logits.shape[1]):
-            yg = y[:, g]
-            if (yg != IGNORE_INDEX).any():
-                losses.append(F.cross_entropy(logits[:, g, :], yg, weight=class_weights, ignore_index=IGNORE_INDEX))
-        if not losses:
-            return _zero(logits)
-        return torch.stack(losses).mean()
-    if kind == "distribution":
-        y = labels.float()
-        mask = (y >= 0).all(dim=-1)
-        if not mask.any():
-            return _zero(logits)
-        log_p = F.log_softmax(logits[mask], dim=-1)
-        # KL(target || model), summed over classes, averaged over rows ("batchmean").
-        return F.kl_div(log_p, y[mask], reduction="batchmean")
-    raise ValueError(f"head {spec.name!r}: unknown kind {kind!r}")
-
+    weights = class_weights if spec.impl.weight_field == "class_weights" else pos_weight
+    return mean_of_parts(*spec.impl.loss_parts(spec, logits, labels, weights))

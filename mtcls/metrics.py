@@ -17,32 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from mtcls.decoding import DEFAULT_CUMULATIVE_THRESHOLD, cumulative_sets, predict_indices
 from mtcls.heads import HeadSpec
-from mtcls.losses import IGNORE_INDEX
+from mtcls.kinds.base import divide
 
 Stats = dict[str, np.ndarray]
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.int64)
-
-
 def empty_statistics(spec: HeadSpec) -> Stats:
     """Zero statistics for a head: the identity of :func:`merge_statistics`."""
-    k = spec.num_labels
-    z = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
-    if spec.kind in ("binary", "multiclass"):
-        return {"confusion": z(k, k), "unlabelled": z(), "invalid": z()}
-    if spec.kind == "multilabel":
-        return {"tp": z(k), "fp": z(k), "fn": z(k), "tn": z(k), "exact": z(), "rows": z(), "unlabelled": z(), "invalid": z()}
-    if spec.kind == "grouped":
-        g = spec.num_groups
-        return {"confusion": z(g, k, k), "unlabelled": z(g), "invalid": z(g)}
-    return {
-        "confusion": z(k, k), "unlabelled": z(), "invalid": z(),
-        "kl_sum": np.zeros((), dtype=np.float64), "set_size_sum": z(), "in_set": z(),
-    }
+    return spec.impl.empty_statistics(spec)
 
 
 def head_statistics(spec: HeadSpec, labels: np.ndarray, probs: np.ndarray) -> Stats:
@@ -59,58 +42,7 @@ def head_statistics(spec: HeadSpec, labels: np.ndarray, probs: np.ndarray) -> St
     Returns:
         A dict of arrays that merge by addition.
     """
-    stats = empty_statistics(spec)
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = spec.num_labels
-    if spec.kind in ("binary", "multiclass"):
-        y = labels.astype(np.int64).reshape(-1)
-        pred = predict_indices(spec, probs)
-        ok = y >= 0
-        stats["confusion"] += _confusion(y[ok], pred[ok], k)
-        stats["unlabelled"] += int((y == IGNORE_INDEX).sum())
-        stats["invalid"] += int(((y < 0) & (y != IGNORE_INDEX)).sum())
-    elif spec.kind == "multilabel":
-        y = labels.astype(np.float64)
-        invalid_rows = (y == -1).any(axis=1)
-        missing_rows = (y == IGNORE_INDEX).any(axis=1) & ~invalid_rows
-        ok = ~(invalid_rows | missing_rows)
-        t = y[ok] > 0.5
-        p = predict_indices(spec, probs)[ok]
-        stats["tp"] += (t & p).sum(axis=0)
-        stats["fp"] += (~t & p).sum(axis=0)
-        stats["fn"] += (t & ~p).sum(axis=0)
-        stats["tn"] += (~t & ~p).sum(axis=0)
-        stats["exact"] += int((t == p).all(axis=1).sum())
-        stats["rows"] += int(ok.sum())
-        stats["unlabelled"] += int(missing_rows.sum())
-        stats["invalid"] += int(invalid_rows.sum())
-    elif spec.kind == "grouped":
-        y = labels.astype(np.int64)
-        pred = predict_indices(spec, probs)
-        for g in range(spec.num_groups):
-            ok = y[:, g] >= 0
-            stats["confusion"][g] += _confusion(y[ok, g], pred[ok, g], k)
-            stats["unlabelled"][g] += int((y[:, g] == IGNORE_INDEX).sum())
-            stats["invalid"][g] += int(((y[:, g] < 0) & (y[:, g] != IGNORE_INDEX)).sum())
-    else:
-        y = labels.astype(np.float64)
-        invalid = (y == -1).any(axis=1)
-        missing = (y == IGNORE_INDEX).any(axis=1) & ~invalid
-        ok = ~(invalid | missing)
-        t, p = y[ok], probs[ok]
-        true_top = t.argmax(axis=1)
-        stats["confusion"] += _confusion(true_top, p.argmax(axis=1), k)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(t > 0, t * (np.log(t) - np.log(np.clip(p, 1e-12, None))), 0.0)
-        stats["kl_sum"] = stats["kl_sum"] + terms.sum()
-        order, sizes = cumulative_sets(p, spec.cumulative_threshold or DEFAULT_CUMULATIVE_THRESHOLD)
-        in_set = (order == true_top[:, None]) & (np.arange(k)[None, :] < sizes[:, None])
-        stats["set_size_sum"] += int(sizes.sum())
-        stats["in_set"] += int(in_set.any(axis=1).sum())
-        stats["unlabelled"] += int(missing.sum())
-        stats["invalid"] += int(invalid.sum())
-    return stats
+    return spec.impl.statistics(spec, np.asarray(labels), np.asarray(probs, dtype=np.float64))
 
 
 def merge_statistics(a: Stats, b: Stats) -> Stats:
@@ -118,14 +50,6 @@ def merge_statistics(a: Stats, b: Stats) -> Stats:
     if set(a) != set(b):
         raise ValueError(f"cannot merge statistics with different fields: {sorted(a)} vs {sorted(b)}")
     return {key: a[key] + b[key] for key in a}
-
-
-def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.zeros_like(num)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
 
 
 def prf_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, labels: list[str]) -> dict[str, Any]:
@@ -140,11 +64,11 @@ def prf_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, labels: list
         ``weighted`` averages.
     """
     support = tp + fn
-    precision, recall = _divide(tp, tp + fp), _divide(tp, support)
-    f1 = _divide(2 * tp, support + tp + fp)
+    precision, recall = divide(tp, tp + fp), divide(tp, support)
+    f1 = divide(2 * tp, support + tp + fp)
     mtp, mfp, mfn = tp.sum(), fp.sum(), fn.sum()
-    micro_p, micro_r = float(_divide(mtp, mtp + mfp)), float(_divide(mtp, mtp + mfn))
-    micro_f1 = float(_divide(2 * mtp, 2 * mtp + mfp + mfn))
+    micro_p, micro_r = float(divide(mtp, mtp + mfp)), float(divide(mtp, mtp + mfn))
+    micro_f1 = float(divide(2 * mtp, 2 * mtp + mfp + mfn))
     weights = support if support.sum() > 0 else None
     return {
         "per_label": {
@@ -167,7 +91,7 @@ def confusion_report(confusion: np.ndarray, labels: list[str]) -> dict[str, Any]
     tp = np.diag(confusion)
     report = prf_from_counts(tp, confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp, labels)
     total = int(confusion.sum())
-    report["accuracy"] = float(_divide(tp.sum(), total))
+    report["accuracy"] = float(divide(tp.sum(), total))
     report["confusion_matrix"] = confusion.tolist()
     return report
 
@@ -183,42 +107,10 @@ def head_report(spec: HeadSpec, stats: Stats) -> dict[str, Any]:
         A JSON-serialisable report; ``rows_labelled``, ``rows_unlabelled`` and ``rows_invalid``
         (labels outside the head's set) always present; ``macro_f1`` is the headline number.
     """
-    labels = list(spec.labels)
-    base: dict[str, Any] = {"kind": spec.kind, "labels": labels}
-    if spec.kind in ("binary", "multiclass", "distribution"):
-        rep = confusion_report(stats["confusion"], labels)
-        n = int(stats["confusion"].sum())
-        base.update(rows_labelled=n, rows_unlabelled=int(stats["unlabelled"]), rows_invalid=int(stats["invalid"]))
-        if spec.kind == "distribution":
-            rep["top1_accuracy"] = rep["accuracy"]
-            rep["kl_divergence"] = float(stats["kl_sum"] / n) if n else 0.0
-            rep["mean_set_size"] = float(_divide(stats["set_size_sum"], n))
-            rep["set_coverage"] = float(_divide(stats["in_set"], n))
-            rep["cumulative_threshold"] = spec.cumulative_threshold or DEFAULT_CUMULATIVE_THRESHOLD
-    elif spec.kind == "multilabel":
-        rep = prf_from_counts(stats["tp"], stats["fp"], stats["fn"], labels)
-        n = int(stats["rows"])
-        rep["subset_accuracy"] = float(_divide(stats["exact"], n))
-        rep["hamming_loss"] = float(_divide((stats["fp"] + stats["fn"]).sum(), n * len(labels)))
-        for i, name in enumerate(labels):
-            rep["per_label"][name].update(tp=int(stats["tp"][i]), fp=int(stats["fp"][i]), fn=int(stats["fn"][i]), tn=int(stats["tn"][i]))
-        base.update(rows_labelled=n, rows_unlabelled=int(stats["unlabelled"]), rows_invalid=int(stats["invalid"]))
-    else:
-        groups = {g: confusion_report(stats["confusion"][i], labels) for i, g in enumerate(spec.groups or [])}
-        rep = {
-            "groups": groups,
-            "overall": confusion_report(stats["confusion"].sum(axis=0), labels),
-            "mean_group_macro_f1": float(np.mean([r["macro"]["f1"] for r in groups.values()])),
-        }
-        rep["macro"] = rep["overall"]["macro"]
-        base.update(
-            rows_labelled={g: int(stats["confusion"][i].sum()) for i, g in enumerate(spec.groups or [])},
-            rows_unlabelled={g: int(stats["unlabelled"][i]) for i, g in enumerate(spec.groups or [])},
-            rows_invalid={g: int(stats["invalid"][i]) for i, g in enumerate(spec.groups or [])},
-        )
-    base.update(rep)
-    base["macro_f1"] = float(rep["macro"]["f1"])
-    return base
+    report: dict[str, Any] = {"kind": spec.kind, "labels": list(spec.labels)}
+    report.update(spec.impl.report(spec, stats))
+    report["macro_f1"] = float(report["macro"]["f1"])
+    return report
 
 
 def statistics_to_lists(stats: Stats) -> dict[str, Any]:

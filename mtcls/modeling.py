@@ -13,7 +13,7 @@ from transformers.utils import ModelOutput
 
 from mtcls.configuration import MultiTaskConfig
 from mtcls.heads import BALANCED, HeadSpec, HeadSpecError, validate_heads
-from mtcls.losses import head_loss
+from mtcls.kinds import mean_of_parts
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -27,23 +27,20 @@ class MultiTaskOutput(ModelOutput):
         head_losses: Per-head loss tensors (only for heads that were given labels).
         logits: Per-head logits; (B, 1) binary, (B, G, K) grouped, (B, K) otherwise.
         pooled: The pooled encoder features, (B, H).
+        loss_parts: Per-head ``(sums, denominators)`` behind ``head_losses``; they add up across
+            micro-batches and workers (see :meth:`MultiTaskModel.head_loss_parts`).
     """
 
     loss: Optional[torch.Tensor] = None
     head_losses: Optional[dict[str, torch.Tensor]] = None
     logits: Optional[dict[str, torch.Tensor]] = None
     pooled: Optional[torch.Tensor] = None
+    loss_parts: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 def head_probabilities(spec: HeadSpec, logits: torch.Tensor) -> torch.Tensor:
-    """Logits -> probabilities for one head, same shape as the logits.
-
-    Binary and multilabel use a sigmoid; multiclass, distribution and each group of a grouped head
-    use a softmax over labels.
-    """
-    if spec.kind in ("binary", "multilabel"):
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=-1)
+    """Logits -> probabilities for one head, same shape as the logits (the kind's sigmoid or softmax)."""
+    return spec.impl.probabilities(spec, logits)
 
 
 def _key(name: str) -> str:
@@ -63,7 +60,7 @@ class ClassificationHead(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, spec.num_logits))
         self.net = nn.Sequential(*layers)
-        self.out_shape = (spec.num_groups, spec.num_labels) if spec.kind == "grouped" else (spec.num_logits,)
+        self.out_shape = spec.impl.logit_shape(spec)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.net(features)  # (B, num_logits)
@@ -268,23 +265,26 @@ class MultiTaskModel(PreTrainedModel):
 
         loss = None
         head_losses = None
+        loss_parts = None
         if labels:
             unknown = sorted(set(labels) - set(self.specs))
             if unknown:
                 raise HeadSpecError(f"labels given for unknown head(s) {unknown}; heads: {list(self.specs)}")
             self._check_resolved(labels)
-            head_losses = {
-                name: head_loss(
-                    self.specs[name],
-                    logits[name],
-                    y,
-                    class_weights=getattr(self, f"_class_weights_{name}"),
-                    pos_weight=getattr(self, f"_pos_weight_{name}"),
-                )
-                for name, y in labels.items()
-            }
+            loss_parts = {name: self.head_loss_parts(name, logits[name], y) for name, y in labels.items()}
+            head_losses = {name: mean_of_parts(*parts) for name, parts in loss_parts.items()}
             loss = sum(self.specs[n].loss_weight * l for n, l in head_losses.items())
-        return MultiTaskOutput(loss=loss, head_losses=head_losses, logits=logits, pooled=pooled)
+        return MultiTaskOutput(loss=loss, head_losses=head_losses, logits=logits, pooled=pooled, loss_parts=loss_parts)
+
+    def loss_weights(self, name: str) -> Optional[torch.Tensor]:
+        """The resolved class or positive weights of a head (a buffer on the model's device), or None."""
+        field_name = self.specs[name].impl.weight_field
+        return getattr(self, f"_{field_name}_{name}") if field_name else None
+
+    def head_loss_parts(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A head's loss as ``(sums, denominators)`` (see :meth:`mtcls.kinds.HeadKind.loss_parts`)."""
+        spec = self.specs[name]
+        return spec.impl.loss_parts(spec, logits, labels, self.loss_weights(name))
 
     def _check_resolved(self, labels: dict[str, torch.Tensor]) -> None:
         for name in labels:

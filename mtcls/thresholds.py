@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 
 from mtcls.heads import HeadSpec
+from mtcls.kinds import get_kind, kind_names
 
 DEFAULT_BINS = 200
 
 
-def threshold_histograms(spec: HeadSpec, labels: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, np.ndarray]:
+def threshold_histograms(spec: HeadSpec, labels: np.ndarray, probs: np.ndarray,
+                         bins: int = DEFAULT_BINS) -> dict[str, np.ndarray]:
     """Counts of positive and negative examples per probability bin, per label.
 
     Args:
@@ -28,8 +30,9 @@ def threshold_histograms(spec: HeadSpec, labels: np.ndarray, probs: np.ndarray, 
     Returns:
         ``{"pos": (K, bins), "neg": (K, bins)}`` int64 counts (K = 1 for binary).
     """
-    if spec.kind not in ("binary", "multilabel"):
-        raise ValueError(f"head {spec.name!r}: threshold tuning applies to binary and multilabel heads, not {spec.kind}")
+    if not spec.impl.tunable:
+        tunable = " and ".join(k for k in kind_names() if get_kind(k).tunable)
+        raise ValueError(f"head {spec.name!r}: threshold tuning applies to {tunable} heads, not {spec.kind}")
     y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
     p = np.asarray(probs, dtype=np.float64).reshape(len(labels), -1)
     k = p.shape[1]
@@ -70,7 +73,7 @@ def best_thresholds(spec: HeadSpec, hist: dict[str, np.ndarray]) -> dict[str, An
     current = np.clip(np.rint(np.asarray(present) * bins).astype(int) - 1, 0, bins - 2)
     current = np.broadcast_to(current, (k,))
     no_positives = pos.sum(axis=1) == 0
-    labels = spec.labels[1:] if spec.kind == "binary" else list(spec.labels)
+    labels = spec.impl.threshold_labels(spec)
     return {
         "labels": labels,
         "thresholds": [present[j] if no_positives[j] else float(edges[b]) for j, b in enumerate(best)],

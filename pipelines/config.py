@@ -3,21 +3,35 @@
 A job's config is a dataclass whose fields carry type annotations. :func:`load_config` reads the
 YAML file (if any), applies command-line overrides (``key=value``, ``a.b=value``; values parsed as
 YAML, so ``batch_size=32`` is an int and ``text_columns=[title,abstract]`` a list), rejects unknown
-keys by name, checks every value's type, and finally runs the dataclass's ``__post_init__`` checks.
-Nothing starts before the config is valid.
+keys by name (suggesting the closest known key), checks every value's type, and finally runs the
+dataclass's ``__post_init__`` checks. Nothing starts before the config is valid.
+
+A shipped YAML can mark a key the user must give on the command line with the value ``???``
+(:data:`REQUIRED`), e.g. ``model: ???`` in a config that scores real data.
+
+The config class is also its own documentation: :func:`describe_config` reads every field's type,
+default and meaning (from the ``Attributes:`` section of the class docstring), and
+:func:`format_config_help` turns that into the key list of a job's ``--help``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import re
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, NamedTuple, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 
 T = TypeVar("T")
+
+REQUIRED = "???"
+"""A YAML value meaning "this key must be set on the command line"."""
 
 
 class ConfigError(ValueError):
@@ -105,14 +119,35 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def _unknown_keys_message(unknown: Sequence[str], known: Sequence[str], prefix: str) -> str:
+    """Names the unknown keys, the closest known key for each one that has a near match, and all known keys."""
+    matches = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+    guesses = [(prefix + key, prefix + found[0]) for key, found in matches.items() if found]
+    hint = "; "
+    if len(unknown) == 1 and guesses:
+        hint = f"; did you mean {guesses[0][1]!r}? "
+    elif guesses:
+        hint = "; did you mean " + ", ".join(f"{good!r} for {bad!r}" for bad, good in guesses) + "? "
+    return f"unknown key(s) {[prefix + k for k in unknown]}{hint}known keys: {[prefix + k for k in known]}"
+
+
+def _required_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys (dotted for sections) whose value is still the :data:`REQUIRED` marker."""
+    found = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found += _required_keys(value, f"{prefix}{key}.")
+        elif value == REQUIRED:
+            found.append(prefix + key)
+    return found
+
+
 def _build(cls: Type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {[prefix + k for k in unknown]}; known keys: {[prefix + k for k in sorted(fields)]}"
-        )
+        raise ConfigError(_unknown_keys_message(unknown, sorted(fields), prefix))
     kwargs = {name: _coerce(prefix + name, value, hints[name]) for name, value in data.items()}
     missing = [
         prefix + f.name
@@ -141,8 +176,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides
         The validated config.
 
     Raises:
-        ConfigError: On a missing file, bad YAML, an unknown key, a wrong type or a failed check;
-            the message names the key.
+        ConfigError: On a missing file, bad YAML, an unknown key, a key left as :data:`REQUIRED`, a
+            wrong type or a failed check; the message names the key.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -157,9 +192,131 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(loaded).__name__}")
         data = loaded
     data = _deep_merge(data, _parse_overrides(overrides))
+    required = _required_keys(data)
+    if required:
+        example = " ".join(f"{key}=..." for key in required)
+        raise ConfigError(f"key(s) {required} must be given on the command line "
+                          f"(the config file leaves them as {REQUIRED!r}), e.g. {example}")
     return _build(cls, data)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config as plain data, for manifests and logs."""
     return dataclasses.asdict(config)
+
+
+class KeyDoc(NamedTuple):
+    """One key of a config class, as ``--help`` shows it."""
+
+    name: str
+    type: str
+    default: str
+    meaning: str
+
+
+_ENTRY = re.compile(r"(?P<names>[A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*(?:\([^()]*\))?\s*:\s*(?P<text>.*)")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def docstring_attributes(doc: Optional[str]) -> dict[str, str]:
+    """The entries of the ``Attributes:`` section of a Google-style docstring.
+
+    An entry is ``name: meaning`` (or ``name (type): meaning``) at the section's entry indent, with
+    continuation lines indented further; ``a, b, c: meaning`` documents several names at once. The
+    section ends at the first non-blank line indented no deeper than ``Attributes:``.
+
+    Args:
+        doc: A docstring, e.g. ``cls.__doc__``.
+
+    Returns:
+        ``{name: meaning}`` in docstring order, each meaning on one line; ``{}`` without the section.
+    """
+    lines = inspect.cleandoc(doc or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    if start is None:
+        return {}
+    section_indent, entry_indent = _indent(lines[start]), None
+    entries: list[tuple[list[str], list[str]]] = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        indent = _indent(line)
+        if indent <= section_indent or (entry_indent is not None and indent < entry_indent):
+            break
+        entry_indent = entry_indent if entry_indent is not None else indent
+        match = _ENTRY.fullmatch(line.strip()) if indent == entry_indent else None
+        if match:
+            entries.append(([n.strip() for n in match["names"].split(",")], [match["text"]]))
+        elif entries:
+            entries[-1][1].append(line.strip())
+    return {name: " ".join(" ".join(text).split()) for names, text in entries for name in names}
+
+
+def format_value(value: Any) -> str:
+    """A value as it would be written after ``key=`` (YAML flow style): ``true``, ``""``, ``[a, b]``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _field_type(field: dataclasses.Field, hints: dict[str, Any]) -> str:
+    if isinstance(field.type, str):  # the annotation as written (``from __future__ import annotations``)
+        return field.type
+    tp = hints.get(field.name, field.type)
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _field_default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return format_value(field.default)
+    if field.default_factory is not dataclasses.MISSING:
+        return format_value(field.default_factory())
+    return "required"
+
+
+def describe_config(cls: type) -> list[KeyDoc]:
+    """Every key of a config dataclass: name, type, default and meaning, read from the class itself.
+
+    Args:
+        cls: A config dataclass whose docstring has an ``Attributes:`` section.
+
+    Returns:
+        One :class:`KeyDoc` per init field, in field order; ``meaning`` is empty for a field the
+        docstring does not document.
+    """
+    hints = typing.get_type_hints(cls)
+    meanings = docstring_attributes(cls.__doc__)
+    return [
+        KeyDoc(f.name, _field_type(f, hints), _field_default(f), meanings.get(f.name, ""))
+        for f in dataclasses.fields(cls)
+        if f.init
+    ]
+
+
+def format_config_help(cls: type, width: int = 100) -> str:
+    """The key list of a job's ``--help``: ``name: type = default`` and the meaning below it.
+
+    Args:
+        cls: The job's config dataclass.
+        width: Line width the meanings are wrapped to.
+
+    Returns:
+        Plain text, for an argparse epilog with ``RawDescriptionHelpFormatter``.
+    """
+    lines = [f"keys of {cls.__name__} (in the --config YAML, or key=value / a.b=value; values are YAML):"]
+    for key in describe_config(cls):
+        lines.append(f"  {key.name}: {key.type} = {key.default}")
+        lines.append(textwrap.fill(key.meaning or "(undocumented)", width=width, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6, break_long_words=False, break_on_hyphens=False))
+    return "\n".join(lines)

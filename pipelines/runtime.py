@@ -9,10 +9,28 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 
-def parse_job_args(argv: Optional[Sequence[str]], description: str) -> tuple[Optional[str], list[str]]:
-    """Splits a job's command line into the config file and ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file (keys as in the config class)")
+def parse_job_args(
+    argv: Optional[Sequence[str]], description: str, config_cls: Optional[type] = None
+) -> tuple[Optional[str], list[str]]:
+    """Splits a job's command line into the config file and ``key=value`` overrides.
+
+    Args:
+        argv: The arguments (None: ``sys.argv[1:]``).
+        description: One line on what the job does, shown by ``--help``.
+        config_cls: The job's config dataclass; ``--help`` then lists each of its keys with type,
+            default and meaning (see :func:`pipelines.config.format_config_help`).
+
+    Returns:
+        The ``--config`` path (or None) and the overrides in command-line order.
+    """
+    from pipelines.config import format_config_help
+
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=format_config_help(config_cls) if config_cls is not None else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (keys as listed below)")
     parser.add_argument("overrides", nargs="*", help="key=value or a.b=value, applied on top of --config")
     args = parser.parse_args(argv)
     return args.config, list(args.overrides)

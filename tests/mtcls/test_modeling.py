@@ -159,7 +159,7 @@ def test_set_head_spec_changes_thresholds_only():
 def test_predict_texts_matches_a_plain_forward(tokenizer):
     model = tiny_model()
     texts = ["short text", "a much longer text " * 20, "mid length text here"]
-    cols = mtcls.predict_texts(model, tokenizer, texts, batch_size=2, max_length=32)
+    cols = mtcls.predict_texts(model, tokenizer, texts, max_length=32, max_tokens_per_batch=64)
     assert cols["truncated"].tolist() == [False, True, False]
     for i, text in enumerate(texts):
         enc = tokenizer([text], truncation=True, max_length=32, return_tensors="pt")

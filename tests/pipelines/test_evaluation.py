@@ -12,7 +12,7 @@ import mtcls
 from jobs import evaluate as evaluate_job
 from mtcls import HeadSpec
 from pipelines.config import ConfigError
-from pipelines.schema import output_schema
+from pipelines.score.schema import output_schema
 from tests.conftest import ALL_KIND_HEADS
 
 SPECS = [HeadSpec.from_dict(h) for h in ALL_KIND_HEADS]

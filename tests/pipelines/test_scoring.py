@@ -8,9 +8,10 @@ import pytest
 from transformers import AutoTokenizer
 
 import mtcls
-from pipelines import scoring
+from pipelines.score import commit
 from pipelines.config import ConfigError, load_config
-from pipelines.scoring import ScoreConfig, plan_resources, run_scoring
+from pipelines.resources import plan_resources
+from pipelines.score import ScoreConfig, run_score
 from pipelines.storage import InputError
 
 TEXTS = [
@@ -30,10 +31,10 @@ def write_corpus(path, n=60, start=0):
 
 
 def score(tmp_path, model_dir, **overrides):
-    args = {"output": str(tmp_path / "out"), "model": str(model_dir), "progress": False, "block_rows": 16, "batch_size": 8}
+    args = {"output": str(tmp_path / "out"), "model": str(model_dir), "progress": False, "block_rows": 16, "max_tokens_per_batch": 256}
     args.update(overrides)
     cfg = load_config(ScoreConfig, None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in args.items()])
-    return cfg, run_scoring(cfg, scoring.localize_model(cfg.model), cfg.model)
+    return cfg, run_score(cfg)
 
 
 def read_output(path):
@@ -120,7 +121,7 @@ def test_rerun_is_idempotent_and_resumes_after_a_crash(tmp_path, tiny_model_dir,
     ids = set()
     for k in range(3):
         ids |= set(write_corpus(tmp_path / "in" / f"p{k}.parquet", 20, start=20 * k))
-    real_commit = scoring.OutputDir.commit
+    real_commit = commit.OutputDir.commit
     calls = {"n": 0}
 
     def crash_on_second(self, wave, staged, counts):
@@ -129,12 +130,12 @@ def test_rerun_is_idempotent_and_resumes_after_a_crash(tmp_path, tiny_model_dir,
             raise KeyboardInterrupt("killed")
         return real_commit(self, wave, staged, counts)
 
-    monkeypatch.setattr(scoring.OutputDir, "commit", crash_on_second)
+    monkeypatch.setattr(commit.OutputDir, "commit", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     assert len(pd.read_parquet(tmp_path / "out")) == 20  # only the committed wave is visible
-    monkeypatch.setattr(scoring.OutputDir, "commit", real_commit)
+    monkeypatch.setattr(commit.OutputDir, "commit", real_commit)
 
     cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
     assert manifest["rows_scored_this_run"] == 40
@@ -154,15 +155,15 @@ def test_rerun_is_idempotent_and_resumes_after_a_crash(tmp_path, tiny_model_dir,
 
 def test_interrupted_move_is_rolled_forward(tmp_path, tiny_model_dir, ray_local, monkeypatch):
     write_corpus(tmp_path / "in.parquet", 30)
-    real_move = scoring.OutputDir._move
+    real_move = commit.OutputDir._move
 
     def die_before_move(self, record):
         raise KeyboardInterrupt("killed while moving")
 
-    monkeypatch.setattr(scoring.OutputDir, "_move", die_before_move)
+    monkeypatch.setattr(commit.OutputDir, "_move", die_before_move)
     with pytest.raises(KeyboardInterrupt):
         score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
-    monkeypatch.setattr(scoring.OutputDir, "_move", real_move)
+    monkeypatch.setattr(commit.OutputDir, "_move", real_move)
     cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
     assert manifest["rows_scored_this_run"] == 0  # the recorded wave was completed, not redone
     assert len(pd.read_parquet(cfg.output)) == 30
@@ -182,8 +183,8 @@ def test_foreign_output_directory_is_refused(tmp_path, tiny_model_dir, ray_local
     "overrides, message",
     [
         (["batch_sise=3"], r"unknown key\(s\) \['batch_sise'\]"),
-        (["batch_size=abc"], "key 'batch_size': expected int"),
-        (["batch_size=0"], "key 'batch_size': must be >= 1"),
+        (["max_tokens_per_batch=abc"], "key 'max_tokens_per_batch': expected int"),
+        (["max_tokens_per_batch=-1"], "key 'max_tokens_per_batch': must be >= 0"),
         (["precision=fp8"], "key 'precision'"),
         (["text_columns=[]"], "key 'text_columns'"),
         (["passthrough_columns=[id]"], "key 'passthrough_columns'"),

@@ -1,18 +1,25 @@
 import json
+import os
 import random
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import mtcls
 from jobs import train as train_job
 from pipelines.config import ConfigError, load_config
 from pipelines.storage import InputError
-from pipelines.train_data import TrainConfig
-from pipelines.train_loop import Progress, length_grouped
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import Progress, length_grouped
 
 WORDS = {"pos": ["great", "lovely", "excellent", "superb"], "neg": ["awful", "broken", "terrible", "bad"]}
 TOPICS = {"sport": ["match", "goal", "team"], "tech": ["phone", "laptop", "chip"]}
@@ -55,7 +62,16 @@ def data(tmp_path):
     return tmp_path
 
 
-def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data, tiny_encoder_dir, ray_local):
+@pytest.fixture()
+def scratch(tmp_path, monkeypatch):
+    """The driver's temporary directory, for a run to leave nothing in."""
+    path = tmp_path / "scratch"
+    path.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    return path
+
+
+def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data, tiny_encoder_dir, ray_local, scratch):
     summary = train(data, tiny_encoder_dir, f"train=[{data / 'train.parquet'}]", f"validation=[{data / 'val.parquet'}]", "epochs=6", "learning_rate=0.005")
     losses = [e["train_loss"] for e in summary["epochs"]]
     assert losses[-1] < 0.85 * losses[0], losses
@@ -84,13 +100,53 @@ def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data
     assert sorted(model.specs["topics"].labels) == ["sport", "tech"]
     assert (data / "model" / "sentiment_training.png").stat().st_size > 5000
     assert (data / "model" / "tokenizer.json").exists()
+    assert not list(scratch.glob("mtcls-train-*"))  # the starting and best model copies are gone
 
 
-def test_resumes_from_the_last_checkpoint_after_a_worker_is_killed(data, tiny_encoder_dir, ray_local, monkeypatch):
-    monkeypatch.setenv("MTCLS_FAULT_EPOCH", "1")  # the worker process exits during epoch 1
-    summary = train(data, tiny_encoder_dir, f"train=[{data / 'train.parquet'}]", f"validation=[{data / 'val.parquet'}]", "epochs=2")
-    assert summary["resumed_after_failure"] == 1
-    assert [e["epoch"] for e in summary["epochs"]] == [0, 1]
+def _kill_the_worker_once_a_checkpoint_is_registered(storage: Path, killed: list[int], timeout: float = 300.0) -> None:
+    """SIGKILLs the Ray Train worker process(es) as soon as Ray Train has registered a first checkpoint.
+
+    The controller writes its checkpoint snapshot when it registers a reported checkpoint; a worker
+    killed before that would restart from scratch instead of resuming.
+    """
+    from ray._private.state import actors
+
+    deadline = time.monotonic() + timeout
+    while not list(storage.glob("*/checkpoint_manager_snapshot.json")):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
+    for actor in actors(actor_state_name="ALIVE").values():
+        if actor["ActorClassName"] == "RayTrainWorker":
+            os.kill(actor["Pid"], signal.SIGKILL)
+            killed.append(actor["Pid"])
+
+
+def _epochs_without_timing(summary):
+    return [{k: v for k, v in epoch.items() if k != "train_examples_per_s"} for epoch in summary["epochs"]]
+
+
+def test_a_run_whose_worker_is_killed_resumes_and_ends_as_an_uninterrupted_one(data, tiny_encoder_dir, ray_local, monkeypatch):
+    # Ray Train picks up reports every 2 s by default; sooner, so the kill lands in the next epoch.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    args = [f"train=[{data / 'train.parquet'}]", f"validation=[{data / 'val.parquet'}]", "epochs=3"]
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_the_worker_once_a_checkpoint_is_registered, args=(data / "killed" / "rt", killed),
+                              daemon=True)
+    killer.start()
+    resumed = train(data / "killed", tiny_encoder_dir, *args)
+    killer.join()
+    uninterrupted = train(data / "uninterrupted", tiny_encoder_dir, *args)
+
+    assert len(killed) == 1 and resumed["resumed_after_failure"] == 1 and uninterrupted["resumed_after_failure"] == 0
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2]
+    assert resumed["optimizer_steps"] == uninterrupted["optimizer_steps"] == 3 * 10  # 160 rows in batches of 16
+    for got, want in zip(_epochs_without_timing(resumed), _epochs_without_timing(uninterrupted), strict=True):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    weights = [load_file(data / run / "model" / "model.safetensors") for run in ("killed", "uninterrupted")]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[1]:
+        assert np.allclose(weights[0][name].numpy(), weights[1][name].numpy(), rtol=1e-5, atol=1e-7), name
 
 
 def test_datasets_labelled_for_different_heads(tmp_path, tiny_encoder_dir, ray_local):
@@ -106,7 +162,7 @@ def test_datasets_labelled_for_different_heads(tmp_path, tiny_encoder_dir, ray_l
     assert all(np.isfinite(e["train_loss"]) for e in summary["epochs"])
 
 
-def test_bad_training_inputs_fail_before_training(tmp_path, tiny_encoder_dir, ray_local):
+def test_bad_training_inputs_fail_before_training(tmp_path, tiny_encoder_dir, ray_local, scratch):
     pq.write_table(make_rows(30, 1), tmp_path / "train.parquet")
     pq.write_table(make_rows(10, 2, with_topics=False), tmp_path / "val_no_topics.parquet")
     pq.write_table(make_rows(0, 2), tmp_path / "empty.parquet")
@@ -120,6 +176,7 @@ def test_bad_training_inputs_fail_before_training(tmp_path, tiny_encoder_dir, ra
     with pytest.raises(InputError, match="head 'topics': the validation set has no label"):
         train(tmp_path, tiny_encoder_dir, *base, f"validation=[{tmp_path / 'val_no_topics.parquet'}]")
     assert not (tmp_path / "model").exists()
+    assert not list(scratch.glob("mtcls-train-*"))
 
 
 @pytest.mark.parametrize(
@@ -167,7 +224,7 @@ def test_length_grouping_keeps_every_row_once_and_cuts_padding():
 
 
 def test_progress_is_logged_during_an_epoch(caplog):
-    caplog.set_level("INFO", logger="pipelines.train_loop")
+    caplog.set_level("INFO", logger="pipelines.train.loop")
     progress = Progress(epoch=1, epochs=3, steps=10, every=0.0)
     progress.update(batches=5, rows=160, loss=0.5)
     assert "epoch 2/3: batch 5/10 (50%), mean loss 0.5000" in caplog.text
@@ -178,7 +235,7 @@ def test_progress_is_logged_during_an_epoch(caplog):
 
 
 def _prepare(tmp_path, tokenizer, *overrides):
-    from pipelines.train_data import prepare_data
+    from pipelines.train.data import prepare_data
 
     cfg = load_config(TrainConfig, None, [f"heads={HEADS}", *overrides])
     data = prepare_data(cfg, tokenizer, f" {tokenizer.sep_token} ")
@@ -187,7 +244,7 @@ def _prepare(tmp_path, tokenizer, *overrides):
 
 
 def test_preparation_in_small_pieces_gives_the_same_data(tmp_path, tokenizer, monkeypatch):
-    import pipelines.train_data as train_data
+    import pipelines.train.data as train_data
 
     rows = make_rows(90, 7).to_pylist()
     rows[4]["text"] = None
@@ -213,7 +270,7 @@ def test_preparation_in_small_pieces_gives_the_same_data(tmp_path, tokenizer, mo
 
 
 def test_label_errors_name_the_row_of_the_file_when_read_in_pieces(tmp_path, tokenizer, monkeypatch):
-    import pipelines.train_data as train_data
+    import pipelines.train.data as train_data
 
     rows = make_rows(30, 8).to_pylist()
     rows[23]["sentiment"] = "meh"
@@ -221,7 +278,7 @@ def test_label_errors_name_the_row_of_the_file_when_read_in_pieces(tmp_path, tok
     monkeypatch.setattr(train_data, "CHUNK_ROWS", 5)
     heads = 'heads=[{name: sentiment, kind: multiclass, labels: [pos, neg]}]'
     with pytest.raises(InputError, match=r"t.parquet', column 'sentiment': head 'sentiment': row 23: label 'meh'"):
-        from pipelines.train_data import prepare_data
+        from pipelines.train.data import prepare_data
 
         cfg = load_config(TrainConfig, None, [f"train=[{tmp_path / 't.parquet'}]", heads])
         prepare_data(cfg, tokenizer, " [SEP] ")

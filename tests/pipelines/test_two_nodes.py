@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.scoring import ScoreConfig, localize_model, run_scoring
+from pipelines.score import ScoreConfig, run_score
 
 
 @pytest.fixture()
@@ -33,8 +33,8 @@ def test_two_node_scoring(tmp_path, tiny_model_dir, two_node_cluster):
         ids = [f"f{k}-{i}" for i in range(50)]
         pq.write_table(pa.table({"id": ids, "text": [f"text number {i} of file {k}" for i in range(50)]}), tmp_path / "in" / f"{k}.parquet")
     cfg = ScoreConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(tiny_model_dir),
-                      block_rows=25, batch_size=8, progress=False)
-    manifest = run_scoring(cfg, localize_model(cfg.model), cfg.model)
+                      block_rows=25, max_tokens_per_batch=256, progress=False)
+    manifest = run_score(cfg)
     assert manifest["resources"]["num_actors"] == 2  # 3 CPUs in the cluster, one kept for read/write
     out = pd.read_parquet(tmp_path / "out")
     assert len(out) == 200 and out["id"].is_unique and out["error"].isna().all()

@@ -13,13 +13,6 @@ import pyarrow as pa
 
 from mtcls import HeadSpec, output_columns
 
-ARROW_TYPES = {
-    "string": pa.string(),
-    "float32": pa.float32(),
-    "list<float32>": pa.list_(pa.float32()),
-    "list<string>": pa.list_(pa.string()),
-    "list<list<float32>>": pa.list_(pa.list_(pa.float32())),
-}
 TRUNCATED_COLUMN = "truncated"
 ERROR_COLUMN = "error"
 METADATA_KEY = b"mtcls"
@@ -27,7 +20,7 @@ METADATA_KEY = b"mtcls"
 
 def head_fields(spec: HeadSpec) -> list[pa.Field]:
     """Arrow fields for one head's output columns, in :func:`mtcls.output_columns` order."""
-    return [pa.field(name, ARROW_TYPES[kind]) for name, kind in output_columns(spec)]
+    return [pa.field(name, arrow_type) for name, arrow_type in output_columns(spec)]
 
 
 def output_schema(

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,11 +19,15 @@ from typing import Any
 
 import torch
 
-from mtcls import MultiTaskModel, default_encoder_path
-from pipelines.scoring import localize_model, read_model_files
+from mtcls import MultiTaskModel, default_encoder_path, text_separator
+from pipelines.artifacts import localize_model, read_model_files
+from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
+from pipelines.runtime import init_ray
 from pipelines.storage import locate, write_json
-from pipelines.train_data import TrainConfig, prepare_data
-from pipelines.train_loop import STATE_FILE, train_loop_per_worker
+from pipelines.train.plots import plot_history
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import prepare_data
+from pipelines.train.loop import STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -43,49 +48,46 @@ def build_initial_model(cfg: TrainConfig, specs: list, target: Path, tokenizer: 
     tokenizer.save_pretrained(target)
 
 
-def plot_history(history: list[dict[str, Any]], head: str, path: str) -> None:
-    """Training loss and validation macro-F1 per epoch for one head."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains and exports the best model; starts a local Ray if none is running.
 
-    epochs = [h["epoch"] + 1 for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [h[f"{head}_train_loss"] for h in history], "o-", label="train loss", color="tab:red")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [h[f"{head}_macro_f1"] for h in history], "s-", label="validation macro-F1", color="tab:blue")
-    if f"{head}_tuned_macro_f1" in history[0]:
-        ax2.plot(epochs, [h[f"{head}_tuned_macro_f1"] for h in history], "^--", label="at tuned thresholds", color="tab:green")
-    ax2.set_ylabel("validation macro-F1")
-    ax2.set_ylim(0, 1)
-    ax.set_title(head)
-    fig.legend(loc="lower center", ncol=3)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Trains and exports the best model. Ray must be initialised.
+    Empty ``train`` trains on the embedded demo corpus (with the demo heads if none are given).
 
     Returns:
         The training summary (also written to ``<output>/training_summary.json``).
     """
+    if not cfg.train:
+        corpus = default_corpus_dir()
+        cfg = dataclasses.replace(cfg, train=[str(corpus / "train.parquet")], heads=cfg.heads or DEFAULT_HEADS)
+        log.info("no training data given: the embedded demo corpus %s", corpus)
+    init_ray()
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="mtcls-train-"))
+    try:
+        return _train(cfg, work, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def optimizer_steps(optimizer_state: dict[str, Any]) -> int:
+    """Optimizer updates made so far, from an AdamW ``state_dict()`` (0 before the first)."""
+    return max((int(s["step"]) for s in optimizer_state["state"].values()), default=0)
+
+
+def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
+    """:func:`run_train` once Ray is up; ``work`` is a scratch directory for model copies."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
-    started = time.time()
-    work = Path(tempfile.mkdtemp(prefix="mtcls-train-"))
     source = localize_model(cfg.init_model) if cfg.init_model else Path(cfg.encoder or default_encoder_path())
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    base_specs = MultiTaskModel.config_class.from_pretrained(source).head_specs() if cfg.init_model else None
-    separator = f" {tokenizer.sep_token or ' '} "
+    base_config = MultiTaskModel.config_class.from_pretrained(source) if cfg.init_model else None
+    base_specs = base_config.head_specs() if base_config else None
+    separator = text_separator(base_config, tokenizer)  # the rule scoring and evaluation use
     data = prepare_data(cfg, tokenizer, separator, base_specs, put=ray.put)
     new_specs = data.specs[len(base_specs or []):]
     build_initial_model(cfg, new_specs if cfg.init_model else data.specs, work / "init", tokenizer)
@@ -101,8 +103,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "train_rows": data.train.rows,
         "pad_token_id": tokenizer.pad_token_id or 0,
         "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
-        "fault_epoch": int(os.environ.get("MTCLS_FAULT_EPOCH", "-1")),
-        "fault_marker": str(work / "fault-injected"),
         "threshold_bins": cfg.threshold_bins if cfg.tune_thresholds else 0,
         **{k: getattr(cfg, k) for k in ("seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
                                          "gradient_accumulation", "warmup_ratio", "precision", "max_grad_norm",
@@ -136,7 +136,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     with best_ckpt.as_directory() as best_dir:
         model = MultiTaskModel.from_pretrained(best_dir)
     for head, result in tuned.items():
-        model.set_head_spec(dataclasses.replace(model.specs[head], thresholds=result["thresholds"]))
+        spec = model.specs[head]
+        model.set_head_spec(spec.impl.with_thresholds(spec, result["thresholds"]))
     model.save_pretrained(work / "best")
     for name in ("config.json", "model.safetensors"):
         out.fs.put(str(work / "best" / name), posixpath.join(out.path, name))
@@ -158,6 +159,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "label_rows": data.label_rows,
         "skipped_rows_without_text": data.skipped_rows,
         "resumed_after_failure": final_state["resumes"],
+        "optimizer_steps": optimizer_steps(final_state["optimizer"]),
         "train_examples_per_s": float(sum(h["train_examples_per_s"] for h in history) / len(history)),
         "seconds": time.time() - started,
         "ray_train_run": posixpath.join(storage, run_name),
@@ -168,3 +170,4 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         plot_history(summary["epochs"], spec.name, local)
         out.fs.put(local, out.join(f"{spec.name}_training.png").path)
     return summary
+

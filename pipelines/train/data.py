@@ -14,7 +14,6 @@ the Ray Datasets that every worker reads its shard of.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -23,128 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtcls import BALANCED, HeadSpec, HeadSpecError, encode_labels, join_texts, tokenize
-from mtcls.thresholds import DEFAULT_BINS
-from pipelines.config import ConfigError
+from mtcls import BALANCED, HeadSpec, encode_labels, get_kind, join_texts, tokenize
 from pipelines.storage import InputError, Location, list_parquet_files, locate, read_footer
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_SPEC_FIELDS = {f.name for f in dataclasses.fields(HeadSpec)}
-
-
-@dataclass
-class TrainConfig:
-    """Config of ``jobs.train``.
-
-    Attributes:
-        train: Training Parquet files or directories (any fsspec URI); several may be labelled for
-            different heads. Empty: the embedded demo corpus.
-        validation: Validation Parquet; empty: ``validation_fraction`` of the training rows.
-        validation_fraction: Share of training rows held out when ``validation`` is empty.
-        output: Model directory URI (``save_pretrained`` + tokenizer + training_summary.json + plots).
-        encoder: Encoder directory (any Hugging Face encoder); empty: the packaged all-MiniLM-L6-v2.
-        init_model: Start from a saved mtcls model instead (its heads are kept; new heads are added).
-        heads: Head specs (see ``mtcls.HeadSpec``) plus ``column``: the label column (default: the
-            head's name). ``labels`` may be omitted to infer them from the training data.
-        text_columns: Text columns, joined with the tokenizer's separator.
-        pooling: ``mean`` or ``cls``.
-        max_length: Token limit.
-        epochs, batch_size, learning_rate, weight_decay, warmup_ratio: Optimisation (AdamW, linear
-            warm-up then linear decay).
-        gradient_accumulation: Micro-batches per optimizer step.
-        max_grad_norm: Gradient clipping (0 = off).
-        precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), or explicit.
-        freeze_encoder: Train the heads only (card 004).
-        early_stopping_patience: Stop after this many epochs without improvement (0 = off).
-        best_metric: ``mean_macro_f1`` (card 002), ``<head>_macro_f1``, or for a multilabel head
-            with ``tune_thresholds``, ``<head>_tuned_macro_f1``; the best epoch is exported.
-        tune_thresholds: For multilabel heads, pick per-label thresholds maximising F1 on the
-            validation set after every epoch, and export the best epoch with them. Metrics at the
-            tuned thresholds are optimistic on the validation set itself; check them on a test set.
-        threshold_bins: Resolution of threshold tuning (bins over [0, 1]).
-        length_grouping: Batches pad to their longest row; rows are sorted by length within
-            windows of this many batches, then the batches are shuffled (1 = off).
-        num_workers: Ray Train workers (DDP). use_gpu: one GPU per worker.
-        max_failures: Worker failures survived by resuming from the last checkpoint.
-        storage_path: Where Ray Train keeps checkpoints (a shared URI on a cluster).
-        max_train_rows: Cap on training rows (0 = all), for quick runs.
-        seed: Random seed.
-    """
-
-    train: list[str] = field(default_factory=list)
-    validation: list[str] = field(default_factory=list)
-    validation_fraction: float = 0.1
-    output: str = "outputs/model"
-    encoder: str = ""
-    init_model: str = ""
-    heads: list[dict[str, Any]] = field(default_factory=list)
-    text_columns: list[str] = field(default_factory=lambda: ["text"])
-    pooling: str = "mean"
-    max_length: int = 128
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    gradient_accumulation: int = 1
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    freeze_encoder: bool = False
-    early_stopping_patience: int = 0
-    best_metric: str = "mean_macro_f1"
-    tune_thresholds: bool = True
-    threshold_bins: int = DEFAULT_BINS
-    length_grouping: int = 50
-    num_workers: int = 1
-    use_gpu: bool = False
-    max_failures: int = 2
-    storage_path: str = ""
-    max_train_rows: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.heads and self.train:
-            raise ConfigError("key 'heads': at least one head is required")
-        for i, head in enumerate(self.heads):
-            if not isinstance(head, dict):
-                raise ConfigError(f"key 'heads[{i}]': expected a mapping, got {head!r}")
-            unknown = sorted(set(head) - _SPEC_FIELDS - {"column"})
-            if unknown:
-                raise ConfigError(f"key 'heads[{i}]' ({head.get('name')!r}): unknown field(s) {unknown}")
-            for req in ("name", "kind"):
-                if req not in head:
-                    raise ConfigError(f"key 'heads[{i}]': missing {req!r}")
-            if "labels" in head:
-                try:
-                    HeadSpec.from_dict({k: v for k, v in head.items() if k != "column"})
-                except HeadSpecError as exc:
-                    raise ConfigError(f"key 'heads[{i}]': {exc}") from exc
-            elif head["kind"] == "distribution":
-                raise ConfigError(f"key 'heads[{i}]' ({head['name']!r}): a distribution head needs 'labels' (they cannot be inferred)")
-        for key in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "length_grouping"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ConfigError(f"key 'validation_fraction': must be in (0, 1), got {self.validation_fraction}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"key 'learning_rate': must be > 0, got {self.learning_rate}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.pooling not in ("mean", "cls"):
-            raise ConfigError(f"key 'pooling': expected 'mean' or 'cls', got {self.pooling!r}")
-        if self.threshold_bins < 2:
-            raise ConfigError(f"key 'threshold_bins': must be >= 2, got {self.threshold_bins}")
-        names = [h["name"] for h in self.heads]
-        allowed = ["mean_macro_f1", *[f"{n}_macro_f1" for n in names]]
-        if self.tune_thresholds:
-            allowed += [f"{h['name']}_tuned_macro_f1" for h in self.heads if h.get("kind") == "multilabel"]
-        if self.best_metric not in allowed:
-            raise ConfigError(f"key 'best_metric': expected one of {allowed}, got {self.best_metric!r}")
-
-    def head_column(self, head: dict[str, Any]) -> str:
-        return head.get("column") or head["name"]
+from pipelines.train.config import TrainConfig
 
 
 CHUNK_ROWS = 50_000
@@ -193,39 +74,6 @@ def read_chunks(source: ParquetSource, columns: list[str], what: str) -> Iterato
 
 def _values(table: pa.Table, column: str) -> list[Any]:
     return table.column(column).to_pylist() if column in table.column_names else [None] * table.num_rows
-
-
-def infer_labels(kind: str, values: list[Any]) -> tuple[list[str], Optional[list[str]]]:
-    """Sorted label names (and group names for grouped heads) seen in a label column."""
-    labels: set[str] = set()
-    groups: list[str] = []
-    for v in values:
-        if v is None:
-            continue
-        if kind == "multilabel":
-            labels.update(str(x) for x in v)
-        elif kind == "grouped":
-            items = v.items() if isinstance(v, dict) else v
-            for g, label in items:
-                if g not in groups:
-                    groups.append(g)
-                if label is not None:
-                    labels.add(str(label))
-        else:
-            labels.add(str(v))
-    return sorted(labels), (groups if kind == "grouped" else None)
-
-
-def label_counts(spec: HeadSpec, encoded: np.ndarray) -> tuple[list[int], int]:
-    """Per-label counts and number of labelled rows/decisions (for "balanced" weights)."""
-    if spec.kind == "binary":
-        y = encoded[encoded >= 0]
-        return [int((y == 0).sum()), int((y == 1).sum())], int(len(y))
-    if spec.kind == "multilabel":
-        rows = encoded[(encoded >= 0).all(axis=1)]
-        return [int(c) for c in rows.sum(axis=0)], int(len(rows))
-    y = encoded[encoded >= 0]
-    return [int((y == k).sum()) for k in range(spec.num_labels)], int(len(y))
 
 
 @dataclass
@@ -301,7 +149,7 @@ class _Encoder:
                 y = encoded[spec.name][rows].astype(np.float32)
                 split.label_rows[spec.name] = split.label_rows.get(spec.name, 0) + int((y >= 0).any(axis=1).sum())
                 if spec.class_weights in BALANCED or spec.pos_weight in BALANCED:
-                    counts, total = label_counts(spec, y.reshape(-1) if spec.kind in ("binary", "multiclass") else y)
+                    counts, total = spec.impl.label_counts(spec, y)
                     split.counts[spec.name] = split.counts.get(spec.name, 0) + np.asarray(counts, dtype=np.int64)
                     split.totals[spec.name] = split.totals.get(spec.name, 0) + total
                 arrays[f"y_{spec.name}"] = pa.array(list(y), pa.list_(pa.float32()))
@@ -347,7 +195,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
         for _, table in read_chunks(source, infer_cols, "training"):
             for head, col in zip(cfg.heads, label_cols):
                 if head["name"] in inferred:
-                    labels, groups = infer_labels(head["kind"], _values(table, col))
+                    labels, groups = get_kind(head["kind"]).infer_labels(_values(table, col))
                     seen, group_order = inferred[head["name"]]
                     seen.update(labels)
                     group_order.extend(g for g in groups or [] if g not in group_order)
@@ -358,7 +206,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
         if head["name"] in inferred:
             seen, group_order = inferred[head["name"]]
             data["labels"] = sorted(seen)
-            if head["kind"] == "grouped" and "groups" not in data:
+            if get_kind(head["kind"]).has_groups and "groups" not in data:
                 data["groups"] = group_order
             if not data["labels"]:
                 raise InputError(f"head {head['name']!r}: column {col!r} has no labels in the training data")
@@ -391,3 +239,4 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, separator: str, base_specs: O
     resolved = [spec.resolve_balanced([int(c) for c in train.counts[spec.name]], train.totals[spec.name])
                 if spec.name in train.counts else spec for spec in specs]
     return PreparedData(resolved, train, validation)
+

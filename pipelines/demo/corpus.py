@@ -14,13 +14,9 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-if TYPE_CHECKING:
-    from pipelines.train_data import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -123,40 +119,6 @@ def default_corpus_dir(rows: int = 2000) -> Path:
         tmp.mkdir(parents=True)
         pq.write_table(generate_reviews(rows, seed=1), tmp / "train.parquet")
         pq.write_table(generate_reviews(rows, seed=2), tmp / "test.parquet")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    return target
-
-
-def default_train_config(output: str, rows: int = 2000, **overrides: object) -> "TrainConfig":
-    """The training job's config for the embedded default model (and the demo)."""
-    from pipelines.train_data import TrainConfig
-
-    corpus = default_corpus_dir(rows)
-    values = dict(train=[str(corpus / "train.parquet")], output=output,
-                  heads=[dict(h) for h in DEFAULT_HEADS], epochs=2, batch_size=32, learning_rate=1e-4,
-                  max_length=64, storage_path=str(cache_dir() / "ray_train"))
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def default_model_dir() -> Path:
-    """The embedded default model, trained by the project's training job on first use.
-
-    Equivalent command: ``python -m jobs.train --config jobs/configs/train/default.yaml
-    output=~/.cache/mtcls/default-model-v2`` (about two minutes on 2 CPUs). Starts a local Ray if
-    none is running.
-    """
-    from pipelines.runtime import init_ray
-    from pipelines.training import run_training
-
-    target = cache_dir() / f"default-model-{SAMPLE_VERSION}"
-    if not (target / "model.safetensors").is_file():
-        log.info("training the embedded default model into %s (first use only)", target)
-        init_ray()
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        run_training(default_train_config(str(tmp)))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target

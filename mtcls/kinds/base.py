@@ -1,0 +1,329 @@
+"""The head-kind interface and its registry.
+
+A head kind (binary, multiclass, ...) owns everything that depends on what a head predicts: the
+shape of its logits, probabilities, loss, label encoding and collation, decoding to output columns
+and back, evaluation statistics and report, and threshold tuning where it applies. Everything
+else in the project asks the kind (``spec.impl``) and never compares kind names.
+
+Label layouts use ``IGNORE_INDEX`` (-100) for "no label" and ``INVALID_LABEL`` (-1) for a label
+outside the head's set (evaluation counts such rows instead of raising).
+
+Adding a kind: subclass :class:`HeadKind` in a module of its own, decorate it with
+:func:`register_kind`, and import that module (the built-in kinds are imported by
+``mtcls.kinds``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+if TYPE_CHECKING:
+    from mtcls.heads import HeadSpec
+
+IGNORE_INDEX = -100
+INVALID_LABEL = -1
+Stats = dict[str, np.ndarray]
+
+_REGISTRY: dict[str, "HeadKind"] = {}
+
+
+class LabelError(ValueError):
+    """A label value cannot be encoded; the message names the head, the row and the value."""
+
+
+def register_kind(cls: type["HeadKind"]) -> type["HeadKind"]:
+    """Class decorator: registers a kind under its ``name`` (one instance, stateless)."""
+    if not getattr(cls, "name", None):
+        raise ValueError(f"{cls.__name__} has no 'name'")
+    if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
+        raise ValueError(f"a head kind named {cls.name!r} is already registered ({type(_REGISTRY[cls.name]).__name__})")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister_kind(name: str) -> None:
+    """Removes a kind from the registry (for tests that register their own)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_kind(name: str) -> "HeadKind":
+    """The registered kind of that name.
+
+    Raises:
+        KeyError: Naming the known kinds.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown head kind {name!r}; expected one of {kind_names()}") from None
+
+
+def kind_names() -> list[str]:
+    """Names of every registered kind, in registration order."""
+    return list(_REGISTRY)
+
+
+def is_missing(value: Any) -> bool:
+    """True for ``None`` and NaN: "no label"."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def as_label_key(value: Any) -> Optional[str]:
+    """A label value as the string it is looked up by (ints are accepted as their text)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def divide(num: Any, den: Any) -> np.ndarray:
+    """Element-wise ``num / den`` with 0 where ``den`` is 0 (scikit-learn's convention)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """(K, K) [true, predicted] counts."""
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k).astype(np.int64)
+
+
+def zeros(*shape: int) -> np.ndarray:
+    return np.zeros(shape, dtype=np.int64)
+
+
+def string_column(labels: Sequence[str], index: np.ndarray) -> pa.Array:
+    """Label names picked by index, built as Arrow strings without a Python loop."""
+    dictionary = pa.array(list(labels), pa.string())
+    return pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32)), dictionary).cast(pa.string())
+
+
+def list_column(values: np.ndarray, width: int) -> pa.Array:
+    """A (N, width) float array as Arrow ``list<float32>`` (one list of ``width`` per row)."""
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, flat.__len__() + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def ragged_string_column(labels: Sequence[str], mask: np.ndarray, order: Optional[np.ndarray] = None) -> pa.Array:
+    """Per row, the label names where ``mask`` is true (in ``order`` when given), as ``list<string>``."""
+    n, k = mask.shape
+    cols = np.broadcast_to(np.arange(k), (n, k)) if order is None else order
+    picked = cols[mask]  # row-major: row 0's picks first
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(mask.sum(axis=1), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), string_column(labels, picked))
+
+
+def float_rows(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """A ``list<float>`` column without nulls as a (N, width) float64 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise ValueError("probability column has null rows; filter unscored rows first")
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(flat) != len(column) * width:
+        raise ValueError(f"expected {width} probabilities per row, got {len(flat)} values for {len(column)} rows")
+    return flat.reshape(len(column), width)
+
+
+class HeadKind:
+    """One head kind. Stateless: every method takes the head's spec.
+
+    Subclasses set the class attributes and implement the methods that raise
+    ``NotImplementedError``; the defaults suit single-choice kinds with one softmax.
+    """
+
+    name: str = ""
+    min_labels: int = 2
+    exact_labels: Optional[int] = None
+    has_groups: bool = False
+    #: ``"class_weights"`` (per-label loss weights), ``"pos_weight"`` (BCE positives) or None.
+    weight_field: Optional[str] = None
+    #: Decision thresholds can be tuned on labelled data (``best_thresholds``).
+    tunable: bool = False
+    #: Training tunes the thresholds after every validation pass (and exports them).
+    tuned_in_training: bool = False
+    #: Labels can be inferred from the training data's label column.
+    labels_inferable: bool = True
+    #: Optional spec fields that only this kind accepts (besides its weight field).
+    own_fields: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- spec
+    def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
+        """Kind-specific checks of a spec; calls ``fail(field, message)`` on the first problem."""
+        n = len(spec.labels)
+        if self.exact_labels is not None and n != self.exact_labels:
+            fail("labels", f"a {self.name} head has exactly {self.exact_labels} labels, got {spec.labels}")
+        if n < self.min_labels:
+            fail("labels", f"a {self.name} head needs at least {self.min_labels} labels, got {spec.labels}")
+
+    def num_logits(self, spec: "HeadSpec") -> int:
+        """Width of the head's output layer."""
+        return spec.num_labels
+
+    def logit_shape(self, spec: "HeadSpec") -> tuple[int, ...]:
+        """Shape of one row's logits (and probabilities)."""
+        return (self.num_logits(spec),)
+
+    def thresholds(self, spec: "HeadSpec") -> list[float]:
+        """Per-label decision thresholds, for tunable kinds."""
+        raise NotImplementedError(f"{self.name} heads have no decision thresholds")
+
+    def threshold_labels(self, spec: "HeadSpec") -> list[str]:
+        """The labels that ``thresholds`` refer to, in order."""
+        return list(spec.labels)
+
+    def with_thresholds(self, spec: "HeadSpec", thresholds: list[float]) -> "HeadSpec":
+        """A copy of the spec using these thresholds."""
+        raise NotImplementedError(f"{self.name} heads have no decision thresholds")
+
+    def resolve_weights(self, spec: "HeadSpec", counts: list[int], total: int, sqrt: bool) -> Any:
+        """The numbers that ``"balanced"`` weights stand for, given label counts."""
+        k = spec.num_labels
+        weights = [float(total) / (k * c) if c > 0 else 1.0 for c in counts]
+        return [w ** 0.5 for w in weights] if sqrt else weights
+
+    # ---------------------------------------------------------------- model
+    def probabilities(self, spec: "HeadSpec", logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> probabilities, same shape."""
+        return torch.softmax(logits, dim=-1)
+
+    def loss_parts(
+        self, spec: "HeadSpec", logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss as ``(sums, denominators)``, each a (P,) tensor of P parts.
+
+        The head's loss is the mean over parts with a non-zero denominator of ``sums / denominators``.
+        Sums and denominators add up across micro-batches and workers, so the loss of a large
+        batch can be rebuilt exactly from its pieces (gradient accumulation, DDP).
+        """
+        raise NotImplementedError
+
+    def collate(self, spec: "HeadSpec", rows: np.ndarray) -> torch.Tensor:
+        """Stacked encoded labels (N, width) -> the tensor layout :meth:`loss_parts` takes."""
+        return torch.as_tensor(rows.astype(np.float32)).reshape(len(rows), -1).long().reshape(-1)
+
+    # ---------------------------------------------------------------- labels
+    def encode(self, spec: "HeadSpec", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
+        """Raw label values -> the encoded layout (single-choice kinds: (N,) label index)."""
+        index = {name: i for i, name in enumerate(spec.labels)}
+        out = np.full(len(values), IGNORE_INDEX, dtype=np.int64)
+        for i, v in enumerate(values):
+            if not is_missing(v):
+                out[i] = self.index_label(spec, index, v, i + first_row, on_unknown)
+        return out
+
+    def decode_labels(self, spec: "HeadSpec", encoded: np.ndarray) -> list[Any]:
+        """Inverse of :meth:`encode`."""
+        return [spec.labels[j] if j >= 0 else None for j in np.asarray(encoded).reshape(-1).tolist()]
+
+    def infer_labels(self, values: Sequence[Any]) -> tuple[set[str], list[str]]:
+        """Label names (and group names, in order of appearance) seen in a label column."""
+        return {str(v) for v in values if not is_missing(v)}, []
+
+    def label_counts(self, spec: "HeadSpec", encoded: np.ndarray) -> tuple[list[int], int]:
+        """Per-label counts and labelled rows (or decisions), for ``"balanced"`` weights."""
+        y = encoded[encoded >= 0]
+        return [int((y == k).sum()) for k in range(spec.num_labels)], int(len(y))
+
+    def index_label(self, spec: "HeadSpec", index: dict[str, int], value: Any, row: int, on_unknown: str) -> int:
+        """One label name -> its index, or ``INVALID_LABEL`` / :class:`LabelError` when unknown."""
+        key = as_label_key(value)
+        if key is not None and key in index:
+            return index[key]
+        if on_unknown == "mark":
+            return INVALID_LABEL
+        raise LabelError(f"head {spec.name!r}: row {row}: label {value!r} is not one of {spec.labels}")
+
+    # ---------------------------------------------------------------- decisions and columns
+    def predict(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """Decisions as label indices: (N,) by default."""
+        return probs.argmax(axis=-1).astype(np.int64)
+
+    def output_columns(self, spec: "HeadSpec") -> list[tuple[str, pa.DataType]]:
+        """The (column, Arrow type) pairs this head adds to an output table, in order."""
+        h = spec.name
+        return [(f"{h}_label", pa.string()), (f"{h}_score", pa.float32()), (f"{h}_probs", pa.list_(pa.float32()))]
+
+    def full_probabilities(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """Probabilities as written to ``<head>_probs`` (binary adds the negative class)."""
+        return probs
+
+    def decode(self, spec: "HeadSpec", probs: np.ndarray) -> dict[str, pa.Array]:
+        """Probabilities -> this head's output columns as Arrow arrays, vectorised."""
+        h = spec.name
+        full = self.full_probabilities(spec, np.asarray(probs, dtype=np.float32))
+        idx = self.predict(spec, probs)
+        return {
+            f"{h}_label": string_column(spec.labels, idx),
+            f"{h}_score": pa.array(np.take_along_axis(full, idx[:, None], axis=1)[:, 0]),
+            f"{h}_probs": list_column(full, full.shape[1]),
+        }
+
+    def probabilities_from_columns(self, spec: "HeadSpec", table: pa.Table) -> np.ndarray:
+        """Reads ``<head>_probs`` of a scoring output back into model-shaped probabilities."""
+        return float_rows(table.column(f"{spec.name}_probs"), spec.num_labels)
+
+    # ---------------------------------------------------------------- evaluation
+    def empty_statistics(self, spec: "HeadSpec") -> Stats:
+        """Zero statistics: the identity of merging."""
+        k = spec.num_labels
+        return {"confusion": zeros(k, k), "unlabelled": zeros(), "invalid": zeros()}
+
+    def statistics(self, spec: "HeadSpec", labels: np.ndarray, probs: np.ndarray) -> Stats:
+        """Counts for one shard (single-choice kinds: a confusion matrix)."""
+        stats = self.empty_statistics(spec)
+        y = np.asarray(labels).astype(np.int64).reshape(-1)
+        pred = self.predict(spec, probs)
+        ok = y >= 0
+        stats["confusion"] += confusion(y[ok], pred[ok], spec.num_labels)
+        stats["unlabelled"] += int((y == IGNORE_INDEX).sum())
+        stats["invalid"] += int(((y < 0) & (y != IGNORE_INDEX)).sum())
+        return stats
+
+    def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
+        """Every metric of the kind from merged statistics; ``macro`` holds the headline averages."""
+        from mtcls.metrics import confusion_report
+
+        rep = confusion_report(stats["confusion"], list(spec.labels))
+        rep.update(rows_labelled=int(stats["confusion"].sum()), rows_unlabelled=int(stats["unlabelled"]),
+                   rows_invalid=int(stats["invalid"]))
+        return rep
+
+    def markdown(self, name: str, rep: dict[str, Any]) -> list[str]:
+        """The head's section of ``report.md``."""
+        from mtcls.report_text import class_table, confusion_table, pct
+
+        return [f"- Accuracy: {pct(rep['accuracy'])}", f"- Macro F1: {pct(rep['macro']['f1'])}", rows_line(rep),
+                "", "Classification report:", "", *class_table(rep), "", "Confusion matrix:", "",
+                *confusion_table(rep["labels"], rep["confusion_matrix"])]
+
+    def plot_matrix(self, rep: dict[str, Any]) -> tuple[np.ndarray, list[str], list[str], str, str]:
+        """(matrix, row names, column names, row axis label, title suffix) for the report PNG."""
+        return np.array(rep["confusion_matrix"]), rep["labels"], rep["labels"], "true", ""
+
+
+def rows_line(rep: dict[str, Any]) -> str:
+    return (f"- Rows labelled: {rep['rows_labelled']}, without label: {rep['rows_unlabelled']}, "
+            f"label outside the head's set: {rep['rows_invalid']}")
+
+
+def mean_of_parts(sums: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
+    """The loss from :meth:`HeadKind.loss_parts`: mean of ``sums / denominators`` over non-empty parts.
+
+    A head without any labelled part gives a zero that stays connected to the graph, so DDP sees a
+    gradient for every parameter.
+    """
+    present = denominators > 0
+    if not bool(present.any()):
+        return sums.sum() * 0.0
+    return (sums[present] / denominators[present]).mean()

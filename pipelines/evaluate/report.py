@@ -1,0 +1,72 @@
+"""Evaluation report rendering: markdown tables in the model cards' layout, confusion-matrix PNGs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mtcls import get_kind
+from mtcls.report_text import num
+
+
+def head_markdown(name: str, rep: dict[str, Any]) -> list[str]:
+    """One head's section: headline numbers, classification report, confusion matrix (the kind's layout)."""
+    return [f"## {name} ({rep['kind']})", "", *get_kind(rep["kind"]).markdown(name, rep), ""]
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The whole report as markdown, ready to paste into a model card."""
+    lines = ["# Evaluation report", "", f"- Model: {report.get('model', {}).get('uri', 'unknown')}",
+             f"- Rows: {report['rows']} (not scored: {report['rows_unscored']})", f"- Mean macro F1 over heads: {report['mean_macro_f1'] * 100:.2f}%"]
+    if "join" in report:
+        j = report["join"]
+        lines.append(f"- Join: {j['matched']} matched, {j['predictions_without_labels']} predictions without labels, "
+                     f"{j['labels_without_predictions']} labels without predictions")
+    lines.append("")
+    for name, rep in report["heads"].items():
+        lines += head_markdown(name, rep)
+    if report.get("threshold_tuning"):
+        lines += ["## Threshold tuning (F1-maximising, on this data)", "", "| Head | Label | Current | F1 | Tuned | F1 |", "|---|---|---|---|---|---|"]
+        for head, t in report["threshold_tuning"].items():
+            for i, label in enumerate(t["labels"]):
+                cur = t["current_thresholds"][i if len(t["current_thresholds"]) > 1 else 0]
+                lines.append(f"| {head} | {label} | {cur:.3f} | {num(t['current_f1'][i])} | {t['thresholds'][i]:.3f} | {num(t['f1'][i])} |")
+        lines.append("")
+    for col, values in report.get("slices", {}).items():
+        lines += [f"## Slices by {col}", "", "| " + col + " | " + " | ".join(f"{h} macro F1" for h in report["heads"]) + " |",
+                  "|---" * (len(report["heads"]) + 1) + "|"]
+        for value, heads in values.items():
+            lines.append(f"| {value} | " + " | ".join(num(heads[h]["macro_f1"]) if h in heads else "-" for h in report["heads"]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_confusion(name: str, rep: dict[str, Any], path: str) -> None:
+    """Writes raw and row-normalised confusion matrices side by side as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, rows, cols, ylabel, suffix = get_kind(rep["kind"]).plot_matrix(rep)
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    size = max(6.0, 0.55 * max(len(rows), len(cols)) + 3)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size * 0.85))
+    for ax, data, title, fmt in ((axes[0], m, "counts", "d"), (axes[1], norm, "row-normalised", ".2f")):
+        im = ax.imshow(data, cmap="Blues")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("predicted" if ylabel == "true" else "")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}: {title}{suffix}")
+        if len(rows) * len(cols) <= 400:
+            hi = data.max() / 2 if data.size else 0
+            for i in range(data.shape[0]):
+                for j in range(data.shape[1]):
+                    ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=8,
+                            color="white" if data[i, j] > hi else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

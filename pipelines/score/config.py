@@ -1,0 +1,78 @@
+"""``ScoreConfig``: the scoring job's keys, validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtcls import PRECISIONS
+from pipelines.config import ConfigError
+
+
+
+@dataclass
+class ScoreConfig:
+    """Config of ``jobs.score``. Every key can be set in YAML or as ``key=value``.
+
+    Attributes:
+        input: Parquet file or directory, any fsspec URI. Empty: the embedded demo corpus.
+        output: Output directory URI.
+        model: Saved model directory (local or URI). Empty: the embedded default model.
+        text_columns: Columns joined (with the tokenizer's separator) into the text to classify.
+        id_column: Row identifier, copied first into the output.
+        passthrough_columns: Further input columns copied into the output.
+        max_length: Token limit per row; 0 uses the model's ``max_seq_length``.
+        max_tokens_per_batch: Token budget per forward pass (rows x longest row, after
+            length-sorting each block); 0 picks the device's default (4096 on CPU, 65536 on GPU).
+        block_rows: Rows per actor call (the unit of length sorting).
+        num_actors: Inference actors; 0 plans from the cluster (one per GPU, else CPUs minus one).
+        num_gpus_per_actor: GPUs per actor; -1 uses 1 when the cluster has GPUs, else 0.
+        num_cpus_per_actor: CPUs Ray reserves per actor.
+        torch_threads: CPU threads per actor for inference; 0 = all CPUs of the node (see README).
+        precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        rows_per_file: Target rows per output file (no flood of tiny files).
+        wave_rows: Rows per commit unit; a killed job redoes at most one wave.
+        overwrite: Delete any existing output first (otherwise a rerun resumes).
+        progress: Show Ray Data progress bars.
+    """
+
+    input: str = ""
+    output: str = "outputs/score"
+    model: str = ""
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    id_column: str = "id"
+    passthrough_columns: list[str] = field(default_factory=list)
+    max_length: int = 0
+    max_tokens_per_batch: int = 0
+    block_rows: int = 4096
+    num_actors: int = 0
+    num_gpus_per_actor: float = -1
+    num_cpus_per_actor: float = 1.0
+    torch_threads: int = 0
+    precision: str = "auto"
+    rows_per_file: int = 100_000
+    wave_rows: int = 1_000_000
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ConfigError("key 'output': an output directory is required")
+        if not self.text_columns:
+            raise ConfigError("key 'text_columns': at least one text column is required")
+        if not self.id_column:
+            raise ConfigError("key 'id_column': an id column is required (rows are matched by id, never by order)")
+        for key in ("block_rows", "rows_per_file", "wave_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
+        for key in ("max_length", "max_tokens_per_batch", "num_actors", "torch_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key {key!r}: must be >= 0, got {getattr(self, key)}")
+        if self.num_cpus_per_actor <= 0:
+            raise ConfigError(f"key 'num_cpus_per_actor': must be > 0, got {self.num_cpus_per_actor}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        dup = [c for c in self.passthrough_columns if c == self.id_column or c in self.text_columns]
+        if dup:
+            raise ConfigError(f"key 'passthrough_columns': {dup} already in id_column or text_columns")
+
+

@@ -1,0 +1,171 @@
+"""The CPU stages of the scoring job: read + tokenize (before the model) and write + commit (after it).
+
+Between the stages a block carries the pass-through columns plus internal columns that the
+writer drops:
+
+    __unit      int32        index of the work unit (see :mod:`pipelines.score.units`)
+    __row       int64        row number in the input file
+    __checksum  uint64       order-independent checksum of all the unit's ids (read from the input)
+    __ids       list<int32>  token ids (null when the row has no text)
+    __length    int32        token count (0 when the row has no text)
+    error       string       why the row has no text (null otherwise)
+    truncated   bool         the text was cut at ``max_length``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtcls import join_texts, tokenize_flat
+from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
+
+UNIT, ROW, CHECKSUM, IDS, LENGTH = "__unit", "__row", "__checksum", "__ids", "__length"
+COMMIT_KEY = b"mtcls_commit"
+
+
+def ids_checksum(ids: pa.Array | pa.ChunkedArray) -> int:
+    """Order-independent checksum of ids: the wrapping sum of a 64-bit hash of each id.
+
+    Equal multisets of ids give equal sums; a missing, extra or duplicated id changes it (up to
+    hash collisions, 2^-64).
+    """
+    values = ids.to_numpy(zero_copy_only=False) if len(ids) else np.zeros(0, dtype=object)
+    hashed = pd.util.hash_array(np.asarray(values, dtype=object))
+    return int(hashed.sum(dtype=np.uint64))
+
+
+class _TokenizerCache:
+    """One parsed tokenizer per worker process (parsing the JSON costs tens of ms)."""
+
+    _cache: dict[str, Any] = {}
+
+    @classmethod
+    def get(cls, tokenizer_files: dict[str, bytes], digest: str) -> Any:
+        if digest not in cls._cache:
+            import tempfile
+
+            from transformers import AutoTokenizer
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data in tokenizer_files.items():
+                    with open(posixpath.join(tmp, name), "wb") as fh:
+                        fh.write(data)
+                cls._cache[digest] = AutoTokenizer.from_pretrained(tmp)
+        return cls._cache[digest]
+
+
+def read_and_tokenize(batch: dict[str, np.ndarray], units: list[dict[str, Any]], in_fs: Any, columns: list[str],
+                      text_columns: list[str], separator: str, max_length: int, tokenizer_ref: list) -> pa.Table:
+    """Ray Data ``map_batches`` function: unit indices in, one tokenized block per unit out.
+
+    Reads the unit's row groups, computes the checksum of all its ids, drops rows already in the
+    output (a resumed unit), joins and validates the text columns and tokenizes with the
+    ``tokenizers`` batch API.
+    """
+    import ray
+
+    files, digest = ray.get(tokenizer_ref[0])
+    tokenizer = _TokenizerCache.get(files, digest)
+    tables = [_tokenize_unit(units[int(i)], int(i), in_fs, columns, text_columns, separator, max_length, tokenizer)
+              for i in batch["unit"]]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[str], text_columns: list[str],
+                   separator: str, max_length: int, tokenizer: Any) -> pa.Table:
+    with in_fs.open(unit["path"], "rb") as fh:
+        table = pq.ParquetFile(fh).read_row_groups(unit["row_groups"], columns=columns)
+    rows = np.arange(unit["first_row"], unit["first_row"] + table.num_rows, dtype=np.int64)
+    checksum = ids_checksum(table.column(columns[0]))
+    keep = np.ones(table.num_rows, dtype=bool)
+    for a, b in unit["done"]:
+        keep[a - unit["first_row"]:b - unit["first_row"]] = False
+    if not keep.all():
+        table, rows = table.filter(pa.array(keep)), rows[keep]
+    texts, errors = join_texts({c: table.column(c).to_pylist() for c in text_columns}, separator)
+    ok = np.flatnonzero([e is None for e in errors])
+    tokens = tokenize_flat(tokenizer, [texts[i] for i in ok], max_length)
+    lengths = np.zeros(table.num_rows, dtype=np.int32)
+    lengths[ok] = tokens.lengths
+    offsets = np.zeros(table.num_rows + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    has_text = np.zeros(table.num_rows, dtype=bool)
+    has_text[ok] = True
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens.ids), mask=pa.array(~has_text))
+    truncated = np.zeros(table.num_rows, dtype=bool)
+    truncated[ok] = tokens.truncated
+    passthrough = [c for c in columns if c not in text_columns or c == columns[0]]
+    out = {c: table.column(c) for c in dict.fromkeys(passthrough)}
+    out.update({
+        UNIT: pa.array(np.full(table.num_rows, index, dtype=np.int32)),
+        ROW: pa.array(rows),
+        CHECKSUM: pa.array(np.full(table.num_rows, checksum, dtype=np.uint64)),
+        IDS: ids,
+        LENGTH: pa.array(lengths),
+        ERROR_COLUMN: pa.array(errors, pa.string()),
+        TRUNCATED_COLUMN: pa.array(truncated),
+    })
+    return pa.table(out)
+
+
+def row_ranges(rows: np.ndarray) -> list[list[int]]:
+    """Sorted unique row numbers -> ``[start, end)`` runs."""
+    if not len(rows):
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(rows)]])
+    return [[int(rows[s]), int(rows[e - 1]) + 1] for s, e in zip(starts, ends)]
+
+
+def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema, out_fs: Any, out_root: str,
+                staging: str, input_uris: list[str], fingerprints: list[str]) -> pa.Table:
+    """Ray Data ``map_batches`` function: scored rows in, committed Parquet files out.
+
+    Rows are grouped by unit; each group is written to staging and moved into place under a name
+    derived from the unit and the exact rows it holds, so a retried task replaces its file instead
+    of adding a second copy. The file's metadata records the unit, its rows and checksums.
+
+    Returns:
+        One row per file written: name, unit, rows, errors, truncated rows.
+    """
+    unit_col = batch.column(UNIT).to_numpy()
+    records = []
+    for index in np.unique(unit_col):
+        part = batch.filter(pa.array(unit_col == index))
+        order = np.argsort(part.column(ROW).to_numpy(), kind="stable")
+        part = part.take(pa.array(order))
+        rows = part.column(ROW).to_numpy()
+        if len(np.unique(rows)) != len(rows):
+            raise RuntimeError(f"unit {units[index]['key']}: a row reached the writer twice in one block")
+        unit = units[int(index)]
+        ranges = row_ranges(rows)
+        name = f"part-{unit['key']}-{hashlib.sha1(json.dumps(ranges).encode()).hexdigest()[:12]}.parquet"
+        commit = {
+            "unit": unit["key"], "input": input_uris[unit["file"]], "fingerprint": fingerprints[unit["file"]],
+            "unit_first_row": unit["first_row"], "unit_rows": unit["rows"], "ranges": ranges,
+            "rows": int(part.num_rows), "unit_checksum": str(int(part.column(CHECKSUM)[0].as_py())),
+            "checksum": str(ids_checksum(part.column(schema.names[0]))),
+            "errors": int(part.num_rows - part.column(ERROR_COLUMN).null_count),
+            "truncated": int(pc.sum(part.column(TRUNCATED_COLUMN)).as_py() or 0),
+        }
+        table = pa.Table.from_arrays([part.column(f.name).cast(f.type) for f in schema], schema=schema)
+        table = table.replace_schema_metadata({**(schema.metadata or {}), COMMIT_KEY: json.dumps(commit).encode()})
+        tmp = posixpath.join(staging, f"{name}.{uuid.uuid4().hex[:8]}")
+        with out_fs.open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+        out_fs.mv(tmp, posixpath.join(out_root, name))
+        records.append({"file": name, "unit": unit["key"], "rows": commit["rows"], "errors": commit["errors"],
+                        "truncated": commit["truncated"]})
+    return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("unit", pa.string()), ("rows", pa.int64()),
+                                                           ("errors", pa.int64()), ("truncated", pa.int64())]))
