@@ -29,8 +29,11 @@ class ScoreConfig:
         num_cpus_per_actor: CPUs Ray reserves per actor.
         torch_threads: CPU threads per actor for inference; 0 = all CPUs of the node (see README).
         precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
-        rows_per_file: Target rows per output file (no flood of tiny files).
-        wave_rows: Rows per commit unit; a killed job redoes at most one wave.
+        rows_per_file: Rows per work unit: consecutive row groups of one input file, about this
+            many rows, become one output file (a few when a kill interrupted it).
+        lock_timeout_s: A job holding the output that has not renewed its lease for this long is
+            considered dead and its lock is taken over (the lease is renewed every
+            ``min(15, lock_timeout_s / 4)`` seconds).
         overwrite: Delete any existing output first (otherwise a rerun resumes).
         progress: Show Ray Data progress bars.
     """
@@ -50,7 +53,7 @@ class ScoreConfig:
     torch_threads: int = 0
     precision: str = "auto"
     rows_per_file: int = 100_000
-    wave_rows: int = 1_000_000
+    lock_timeout_s: float = 120.0
     overwrite: bool = False
     progress: bool = True
 
@@ -61,7 +64,9 @@ class ScoreConfig:
             raise ConfigError("key 'text_columns': at least one text column is required")
         if not self.id_column:
             raise ConfigError("key 'id_column': an id column is required (rows are matched by id, never by order)")
-        for key in ("block_rows", "rows_per_file", "wave_rows"):
+        if self.lock_timeout_s < 1:
+            raise ConfigError(f"key 'lock_timeout_s': must be >= 1 second, got {self.lock_timeout_s}")
+        for key in ("block_rows", "rows_per_file"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
         for key in ("max_length", "max_tokens_per_batch", "num_actors", "torch_threads"):

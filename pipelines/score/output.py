@@ -25,7 +25,7 @@ from typing import Any, Optional
 import pyarrow.parquet as pq
 
 from pipelines.score.stages import COMMIT_KEY, ids_checksum
-from pipelines.score.units import Unit
+from pipelines.score.units import InputFile, Unit
 from pipelines.storage import InputError, Location
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,14 @@ class OutputDir:
         self.internal = loc.join("_mtcls")
         self.staging = self.internal.join("staging")
 
-    def check_owner(self) -> None:
+    def check_owner(self, overwrite: bool) -> None:
         """Refuses a non-empty directory that mtcls did not write (nothing of the user's is touched).
 
         Runs before the lock is taken (the lock creates ``_mtcls/``).
         """
         fs = self.loc.fs
+        if overwrite:
+            return
         if fs.exists(self.loc.path) and fs.ls(self.loc.path) and not fs.exists(self.internal.path):
             raise InputError(
                 f"output directory {self.loc.uri()!r} is not empty and was not written by mtcls; "
@@ -101,13 +103,18 @@ class OutputDir:
                        if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
 
         def read(name: str) -> Committed:
-            with fs.open(self.loc.join(name).path, "rb") as fh:
-                pf = pq.ParquetFile(fh)
-                meta = (pf.schema_arrow.metadata or {}).get(COMMIT_KEY)
-                if meta is None:
-                    raise InputError(f"output file {self.loc.uri(self.loc.join(name).path)!r} has no commit record; "
-                                     "it was not written by this version of mtcls: rerun with overwrite=true")
-                return Committed(name, pf.metadata.num_rows, json.loads(meta))
+            path = self.loc.join(name).path
+            try:
+                with fs.open(path, "rb") as fh:
+                    pf = pq.ParquetFile(fh)
+                    meta, rows = (pf.schema_arrow.metadata or {}).get(COMMIT_KEY), pf.metadata.num_rows
+            except Exception as exc:  # pyarrow raises several types for a bad footer
+                raise InputError(f"output file {self.loc.uri(path)!r} is unreadable ({type(exc).__name__}: {exc}); "
+                                 "delete it and rerun, or rerun with overwrite=true") from exc
+            if meta is None:
+                raise InputError(f"output file {self.loc.uri(path)!r} has no commit record; "
+                                 "it was not written by this version of mtcls: rerun with overwrite=true")
+            return Committed(name, rows, json.loads(meta))
 
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names) or 1))) as pool:
             return list(pool.map(read, names))
@@ -116,72 +123,77 @@ class OutputDir:
         for name in names:
             self.loc.fs.rm(self.loc.join(name).path)
 
-    def resume(self, units: list[Unit]) -> tuple[list[Committed], list[str]]:
-        """Marks the rows of each unit already in the output; removes files of units no longer planned.
+    def resume(self, units: list[Unit], inputs: dict[str, InputFile]) -> tuple[list[Committed], list[str]]:
+        """Marks the rows of each unit already in the output; removes files of inputs that changed.
 
-        A file whose unit is not in the plan belongs to an input file that changed or disappeared
-        since it was written: its rows are stale and it is deleted (the changed file is rescored).
+        A committed file belongs to an input file and version (URI and fingerprint). A file of an
+        input that changed or disappeared since it was written holds stale rows: it is deleted
+        (and the changed input is scored again).
+
+        Args:
+            units: The plan; their ``done`` ranges are filled in.
+            inputs: The current input files by path.
 
         Returns:
             The committed files kept, and the names of the stale files removed.
         """
-        by_key = {u.key: u for u in units}
+        current = {(f.uri, f.fingerprint): path for path, f in inputs.items()}
         files = self.committed()
-        stale = [f.name for f in files if f.commit["unit"] not in by_key]
+        stale = [f.name for f in files if (f.commit["input"], f.commit["fingerprint"]) not in current]
         if stale:
             log.warning("%d output files belong to input files that changed or were removed since they were scored; "
                         "removing them (their inputs are rescored)", len(stale))
             self.remove(stale)
-        kept = [f for f in files if f.commit["unit"] in by_key]
+        kept = [f for f in files if (f.commit["input"], f.commit["fingerprint"]) in current]
+        done: dict[str, list[list[int]]] = {}
         for f in kept:
-            by_key[f.commit["unit"]].done.extend(f.ranges)
+            done.setdefault(current[(f.commit["input"], f.commit["fingerprint"])], []).extend(f.ranges)
         for u in units:
-            u.done = _merge(u.done)
+            end = u.first_row + u.rows
+            u.done = [[max(a, u.first_row), min(b, end)] for a, b in _merge(done.get(u.path, [])) if a < end and b > u.first_row]
         return kept, stale
 
-    def verify(self, units: list[Unit], id_column: str, checksum_files: Any) -> Verification:
+    def verify(self, inputs: dict[str, InputFile], checksums: Any) -> Verification:
         """Proves every input row is in the output exactly once, from what is on disk.
 
-        Per unit, the committed files must cover its rows exactly; files that repeat rows already
-        covered (a retried task that cut its rows differently) are removed. Then the ids of every
-        kept file are read back and their checksums summed per unit must equal the checksum of
-        the unit's ids read from the input.
+        Per input file, the committed files must hold each of its rows once; a file that repeats
+        rows others already hold (a retried task that cut its rows differently) is removed. Then
+        the ids of every kept file are read back from storage, and their checksums summed per
+        input file must equal the checksum of that input file's ids, read from the input.
 
         Args:
-            units: The plan.
-            id_column: The id column.
-            checksum_files: ``f(names) -> {name: (rows, checksum)}`` reading ids from disk
-                (a Ray fan-out in the job, a loop in tests).
+            inputs: The input files by path.
+            checksums: ``f([(filesystem, path)]) -> [(rows, checksum)]`` reading ids from storage
+                (a Ray fan-out in the job).
         """
         result = Verification()
-        by_unit: dict[str, list[Committed]] = {}
+        by_input: dict[tuple[str, str], list[Committed]] = {}
         for f in self.committed():
-            by_unit.setdefault(f.commit["unit"], []).append(f)
-        keep: list[Committed] = []
-        for u in units:
-            chosen, extra, problem = _exact_cover(u, by_unit.get(u.key, []))
+            by_input.setdefault((f.commit["input"], f.commit["fingerprint"]), []).append(f)
+        for inp in inputs.values():
+            chosen, extra, problem = _exact_cover(inp, by_input.get((inp.uri, inp.fingerprint), []))
             if problem:
                 result.problems.append(problem)
             result.duplicates_removed += [f.name for f in extra]
-            keep += chosen
+            result.files += chosen
         if result.duplicates_removed:
             log.warning("removing %d output files whose rows another file already holds", len(result.duplicates_removed))
             self.remove(result.duplicates_removed)
-        disk = checksum_files([f.name for f in keep])
-        sums: dict[str, int] = {}
-        for f in keep:
-            rows, checksum = disk[f.name]
+        paths = [(self.loc.fs, self.loc.join(f.name).path) for f in result.files]
+        paths += [(inp.fs, path) for path, inp in inputs.items()]
+        read_back = checksums(paths)
+        sums: dict[tuple[str, str], int] = {}
+        for f, (rows, checksum) in zip(result.files, read_back):
             if rows != f.commit["rows"]:
-                result.problems.append(f"{f.name}: footer says {f.commit['rows']} rows, {rows} read back")
-            sums[f.commit["unit"]] = (sums.get(f.commit["unit"], 0) + checksum) % 2**64
-        for u in units:
-            expected = {int(f.commit["unit_checksum"]) for f in by_unit.get(u.key, [])}
-            if len(expected) == 1 and sums.get(u.key) != expected.pop():
-                result.problems.append(f"unit {u.key} of {u.path}: the ids in the output differ from the ids in the input")
-        result.files = keep
-        result.rows_out = sum(f.rows for f in keep)
-        result.rows_error = sum(f.commit["errors"] for f in keep)
-        result.rows_truncated = sum(f.commit["truncated"] for f in keep)
+                result.problems.append(f"{f.name}: its footer says {f.commit['rows']} rows, {rows} were read back")
+            key = (f.commit["input"], f.commit["fingerprint"])
+            sums[key] = (sums.get(key, 0) + checksum) % 2**64
+        for inp, (_, checksum) in zip(inputs.values(), read_back[len(result.files):]):
+            if not any(p.startswith(f"{inp.uri}:") for p in result.problems) and sums.get((inp.uri, inp.fingerprint), 0) != checksum:
+                result.problems.append(f"{inp.uri}: the ids in the output differ from the ids in the input")
+        result.rows_out = sum(f.rows for f in result.files)
+        result.rows_error = sum(f.commit["errors"] for f in result.files)
+        result.rows_truncated = sum(f.commit["truncated"] for f in result.files)
         return result
 
 
@@ -195,28 +207,27 @@ def _merge(ranges: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _exact_cover(unit: Unit, files: list[Committed]) -> tuple[list[Committed], list[Committed], Optional[str]]:
-    """Files that hold each of the unit's rows once, the redundant rest, and a problem if rows are missing."""
+def _exact_cover(inp: InputFile, files: list[Committed]) -> tuple[list[Committed], list[Committed], Optional[str]]:
+    """Files that hold each row of an input file once, the redundant rest, and a problem if rows are missing."""
     taken: list[list[int]] = []
     chosen, extra = [], []
     for f in sorted(files, key=lambda f: (f.ranges[0][0] if f.ranges else 0, f.name)):
         if any(a < d and c < b for a, b in f.ranges for c, d in taken):
-            if all(any(c <= a and b <= d for c, d in _merge(taken)) for a, b in f.ranges):
+            merged = _merge(taken)
+            if all(any(c <= a and b <= d for c, d in merged) for a, b in f.ranges):
                 extra.append(f)
                 continue
-            return chosen, extra, f"unit {unit.key}: output file {f.name} overlaps others in part; rerun with overwrite=true"
+            return chosen, extra, f"{inp.uri}: output file {f.name} holds rows that other files hold too; rerun with overwrite=true"
         chosen.append(f)
         taken.extend(f.ranges)
-    merged = _merge(taken)
-    expected = [[unit.first_row, unit.first_row + unit.rows]]
-    if merged != expected:
-        missing = unit.rows - sum(b - a for a, b in merged)
-        return chosen, extra, f"unit {unit.key} of {unit.path}: {missing} of its {unit.rows} rows are not in the output"
+    covered = sum(b - a for a, b in _merge(taken))
+    if covered != inp.rows:
+        return chosen, extra, f"{inp.uri}: {inp.rows - covered} of its {inp.rows} rows are not in the output"
     return chosen, extra, None
 
 
-def checksum_file(fs: Any, path: str, id_column: str) -> tuple[int, int]:
-    """Rows and id checksum of one output file, read back from storage."""
+def checksum_file(fs: Any, path: str, column: str) -> tuple[int, int]:
+    """Rows and id checksum of one Parquet file, read back from storage."""
     with fs.open(path, "rb") as fh:
-        ids = pq.read_table(fh, columns=[id_column]).column(id_column)
+        ids = pq.read_table(fh, columns=[column]).column(column)
     return len(ids), ids_checksum(ids)

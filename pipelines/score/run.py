@@ -1,161 +1,198 @@
-"""Batch scoring on Ray Data: Parquet in, every head's predictions out, committed in waves.
+"""Batch scoring on Ray Data: one streaming execution, CPU stages around the model, files committed as they finish.
 
-Output directory layout (everything a reader skips starts with ``_``)::
+    units (from input footers)
+      -> read + join + tokenize      CPU tasks          (pipelines.score.stages)
+      -> batch by tokens + forward   one actor per GPU  (pipelines.score.actor)
+      -> write + commit              CPU tasks          (pipelines.score.stages)
+      -> the driver counts committed rows as they come, then verifies the output from disk
 
-    <output>/part-<wave>-*.parquet      the predictions (read the directory with any engine)
-    <output>/_manifest.json             config, model, row counts, error counts, timings
-    <output>/_SUCCESS                   written last, only when every input file is scored
-    <output>/_mtcls/waves/<wave>.json   commit records (which inputs produced which files)
-    <output>/_mtcls/staging/<wave>/     work in progress; removed on commit or on rerun
-
-Input files are scored in waves of about ``wave_rows`` rows. A wave is written to staging, its
-row count checked against the input's Parquet footers, recorded, then moved into place. A rerun skips
-the input files of committed waves, finishes a wave that was being moved, and discards unrecorded
-staging, so a killed job reruns to completion with every input row exactly once.
+The output directory and its commit metadata are described in :mod:`pipelines.score.output`. A
+kill at any moment loses only the rows in flight: a rerun skips every row already committed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from typing import Any
 
 import pyarrow as pa
 
-from mtcls import MultiTaskConfig
+from mtcls import MultiTaskConfig, text_separator
 from pipelines.artifacts import localize_model, model_identity, read_model_files
 from pipelines.demo.corpus import default_corpus_dir
 from pipelines.demo.default_model import default_model_dir
-from pipelines.resources import plan_resources
+from pipelines.resources import plan_scoring
 from pipelines.runtime import init_ray
-from pipelines.score.commit import OutputDir, count_output, plan_waves
+from pipelines.score.actor import InferenceActor
 from pipelines.score.config import ScoreConfig
-from pipelines.score.predictor import ShippedPredictor
+from pipelines.score.lock import OutputLock
+from pipelines.score.output import OutputDir, Verification, checksum_file
 from pipelines.score.schema import output_schema
-from pipelines.storage import inspect_parquet, list_parquet_files, locate, read_json, write_json
+from pipelines.score.stages import ROW, UNIT, read_and_tokenize, write_units
+from pipelines.score.units import InputFile, plan_units
+from pipelines.storage import inspect_parquet, list_parquet_files, locate, write_json
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 30.0
+
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
-    """Scores every pending input file and writes the manifest; starts a local Ray if none is running.
+    """Scores every input row not yet in the output, verifies the output and writes the manifest.
 
-    An empty ``input`` scores the embedded demo corpus and an empty ``model`` uses the embedded
-    default model (trained on first use).
-
-    Args:
-        cfg: Validated config.
+    Starts a local Ray if none is running. An empty ``input`` scores the embedded demo corpus and an
+    empty ``model`` uses the embedded default model (trained on first use).
 
     Returns:
         The manifest (also written to ``<output>/_manifest.json``).
 
     Raises:
-        InputError: Missing input, unreadable or corrupt Parquet, missing columns: before any output.
+        InputError: Missing input, unreadable or corrupt Parquet, missing columns, or an output
+            held by another live job: before any output is written.
     """
-    import ray
-    import ray.data
-
+    started = time.time()
     if not cfg.input:
         cfg = dataclasses.replace(cfg, input=str(default_corpus_dir() / "test.parquet"))
         log.info("no input given: scoring the embedded demo corpus %s", cfg.input)
     model_uri = cfg.model or str(default_model_dir())
     model_dir = localize_model(model_uri)
-    init_ray()
-    started = time.time()
     in_loc, out_loc = locate(cfg.input), locate(cfg.output)
     files = list_parquet_files(in_loc)
     passthrough = [cfg.id_column, *cfg.passthrough_columns]
     needed = list(dict.fromkeys([*passthrough, *cfg.text_columns]))
-    in_schema, file_rows = inspect_parquet(in_loc, files, needed)
-    identity = model_identity(model_dir, model_uri)
+    in_schema, _ = inspect_parquet(in_loc, files, needed)
     model_config = MultiTaskConfig.from_pretrained(model_dir)
-    schema = output_schema(
-        model_config.head_specs(), pa.schema([in_schema.field(c) for c in passthrough]), identity, cfg.text_columns
-    )
+    identity = model_identity(model_dir, model_uri)
+    schema = output_schema(model_config.head_specs(), pa.schema([in_schema.field(c) for c in passthrough]),
+                           identity, cfg.text_columns)
+    units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
 
     out = OutputDir(out_loc)
-    out.prepare(cfg.overwrite)
-    records = out.recover()
-    done_inputs = {path for rec in records for path in rec["inputs"]}
-    pending = {p: n for p, n in file_rows.items() if p not in done_inputs}
-    success = out_loc.join("_SUCCESS").path
-    if not pending and out_loc.fs.exists(success):
-        manifest = read_json(out_loc.join("_manifest.json"))
-        manifest["rows_scored_this_run"] = 0
-        log.info("output %s is complete; nothing to do", out_loc.uri())
-        return manifest
-    if out_loc.fs.exists(success):
-        out_loc.fs.rm(success)  # new input files: the output is incomplete until they are scored
-    plan = plan_resources(cfg, ray.cluster_resources())
-    log.info("%d input files (%d rows), %d already scored; plan: %s", len(files), sum(file_rows.values()), len(files) - len(pending), plan)
+    out.check_owner(cfg.overwrite)
+    with OutputLock(out_loc, timeout_s=cfg.lock_timeout_s, heartbeat_s=min(15.0, cfg.lock_timeout_s / 4)) as lock:
+        out.prepare(cfg.overwrite)
+        _, stale = out.resume(units, inputs)
+        pending = [u for u in units if u.pending_rows]
+        success = out_loc.join("_SUCCESS")
+        if stale or pending:
+            if out_loc.fs.exists(success.path):
+                out_loc.fs.rm(success.path)  # incomplete until the new rows are in
+        init_ray()
+        timings = {"setup_s": time.time() - started}
+        score_started = time.time()
+        scored = _score_units(cfg, units, pending, inputs, in_loc, out, schema, model_dir, model_config) if pending else 0
+        timings["scoring_s"] = time.time() - score_started
+        verification = out.verify(inputs, _checksum_fanout(cfg.id_column))
+        timings["total_s"] = time.time() - started
+        manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale)
+        write_json(out_loc.join("_manifest.json"), manifest)
+        if verification.problems or manifest["rows_out"] != manifest["rows_in"]:
+            raise RuntimeError(
+                f"output {out_loc.uri()} holds {manifest['rows_out']} rows for {manifest['rows_in']} input rows; "
+                f"{'; '.join(verification.problems[:5])}; _SUCCESS not written (rerun to complete it)"
+            )
+        lock.check()
+        with out_loc.fs.open(success.path, "w") as fh:
+            fh.write("")
+    return manifest
 
+
+def _score_units(cfg: ScoreConfig, units: list, pending: list, inputs: dict[str, InputFile], in_loc: Any, out: OutputDir,
+                 schema: pa.Schema, model_dir: Any, model_config: MultiTaskConfig) -> int:
+    """The streaming execution: returns the rows committed by this run."""
+    import ray
+    import ray.data
+    from transformers import AutoTokenizer
+
+    plan = plan_scoring(cfg, ray.cluster_resources())
+    log.info("%d of %d units to score (%d rows); plan: %s", len(pending), len(units),
+             sum(u.pending_rows for u in pending), plan)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
 
-    files_ref = [ray.put(read_model_files(model_dir))] if pending else None
-    timings: dict[str, float] = {"setup_s": time.time() - started}
-    score_started = time.time()
-    scored_rows = 0
-    for wave in plan_waves(pending, cfg.wave_rows):
-        stage = out.staging.join(wave.name)
-        ds = ray.data.read_parquet(wave.files, filesystem=in_loc.arrow_fs()).select_columns(needed)
-        ds = ds.map_batches(
-            ShippedPredictor,
-            fn_constructor_kwargs=dict(
-                files_ref=files_ref,
-                schema=schema,
-                text_columns=cfg.text_columns,
-                max_length=cfg.max_length or model_config.max_seq_length,
-                max_tokens_per_batch=cfg.max_tokens_per_batch,
-                torch_threads=plan.torch_threads,
-                precision=cfg.precision,
-            ),
-            batch_size=cfg.block_rows,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus,
-        )
-        ds.write_parquet(stage.path, filesystem=out_loc.arrow_fs(), min_rows_per_file=cfg.rows_per_file)
-        staged = sorted(p for p in out_loc.fs.find(stage.path) if p.endswith(".parquet"))
-        counts = count_output(out_loc, staged)
-        if counts["rows_out"] != wave.rows:
-            raise RuntimeError(
-                f"wave {wave.name}: read {wave.rows} rows from {len(wave.files)} files but wrote {counts['rows_out']}; "
-                f"nothing was committed (staging left at {stage.uri()})"
-            )
-        records.append(out.commit(wave, staged, counts))
-        scored_rows += wave.rows
-    timings["scoring_s"] = time.time() - score_started
-    timings["total_s"] = time.time() - started
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tok_files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
+    digest = hashlib.sha1(b"".join(tok_files[k] for k in sorted(tok_files))).hexdigest()
+    files = list(inputs)
+    file_index = {p: i for i, p in enumerate(files)}
+    unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in units]
+    index = {u.key: i for i, u in enumerate(units)}
+    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64())]
+    carried = pa.schema(list(schema) + internal, metadata=schema.metadata)
+    max_length = cfg.max_length or model_config.max_seq_length
 
-    manifest = {
-        "status": "complete",
+    ds = ray.data.from_items([{"unit": index[u.key]} for u in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=plan.cpu_stage_cpus,
+        fn_kwargs=dict(units=unit_dicts, in_fs=in_loc.fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
+                       text_columns=cfg.text_columns, separator=text_separator(model_config, tokenizer),
+                       max_length=max_length, tokenizer_ref=[ray.put((tok_files, digest))]),
+    )
+    ds = ds.map_batches(
+        InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(files_ref=[ray.put(read_model_files(model_dir))], schema=carried, max_length=max_length,
+                                   max_tokens_per_batch=cfg.max_tokens_per_batch, torch_threads=plan.torch_threads,
+                                   precision=cfg.precision),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+    )
+    ds = ds.map_batches(
+        write_units, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=plan.cpu_stage_cpus,
+        fn_kwargs=dict(units=unit_dicts, schema=schema, out_fs=out.loc.fs, out_root=out.loc.path, staging=out.staging.path,
+                       input_uris=[inputs[p].uri for p in files], fingerprints=[inputs[p].fingerprint for p in files]),
+    )
+    total = sum(u.pending_rows for u in pending)
+    done, started, last = 0, time.time(), time.time()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done += int(sum(batch.column("rows").to_pylist()))
+        if time.time() - last >= PROGRESS_EVERY_S:
+            last = time.time()
+            rate = done / max(last - started, 1e-9)
+            log.info("committed %d of %d rows (%.0f%%), %.0f rows/s, about %.0f s left", done, total,
+                     100 * done / max(total, 1), rate, (total - done) / max(rate, 1e-9))
+    return done
+
+
+def _checksum_fanout(column: str) -> Any:
+    """Reads the ids of Parquet files back from storage in Ray tasks, a few files per task."""
+
+    def run(paths: list[tuple[Any, str]]) -> list[tuple[int, int]]:
+        import ray
+
+        @ray.remote(num_cpus=0.5)
+        def chunk(part: list[tuple[Any, str]]) -> list[tuple[int, int]]:
+            return [checksum_file(fs, path, column) for fs, path in part]
+
+        size = max(1, len(paths) // 64)
+        refs = [chunk.remote(paths[i:i + size]) for i in range(0, len(paths), size)]
+        return [r for ref in refs for r in ray.get(ref)]
+
+    return run
+
+
+def _manifest(cfg: ScoreConfig, identity: dict, schema: pa.Schema, inputs: dict[str, InputFile],
+              verification: Verification, scored: int, timings: dict[str, float], stale: list[str]) -> dict[str, Any]:
+    rows_in = sum(f.rows for f in inputs.values())
+    return {
+        "status": "complete" if not verification.problems and verification.rows_out == rows_in else "incomplete",
         "input": cfg.input,
         "output": cfg.output,
         "model": identity,
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": dataclasses.asdict(cfg),
         "schema": {f.name: str(f.type) for f in schema},
-        "rows_in": sum(file_rows.values()),
-        "rows_out": sum(r["rows_out"] for r in records),
-        "rows_error": sum(r["rows_error"] for r in records),
-        "rows_truncated": sum(r["rows_truncated"] for r in records),
-        "rows_scored_this_run": scored_rows,
-        "input_files": {in_loc.uri(p): n for p, n in file_rows.items()},
-        "output_files": sorted(f for r in records for f in r["files"]),
-        "resources": vars(plan),
+        "rows_in": rows_in,
+        "rows_out": verification.rows_out,
+        "rows_error": verification.rows_error,
+        "rows_truncated": verification.rows_truncated,
+        "rows_scored_this_run": scored,
+        "input_files": {f.uri: f.rows for f in inputs.values()},
+        "output_files": len(verification.files),
+        "verification": {"ids_checked": verification.rows_out, "problems": verification.problems,
+                         "duplicate_files_removed": verification.duplicates_removed, "stale_files_removed": stale},
         "timings": timings,
-        "rows_per_s_this_run": scored_rows / timings["scoring_s"] if scored_rows and timings["scoring_s"] > 0 else None,
+        "rows_per_s_this_run": scored / timings["scoring_s"] if scored and timings["scoring_s"] > 0 else None,
     }
-    if manifest["rows_out"] != manifest["rows_in"]:
-        raise RuntimeError(
-            f"output holds {manifest['rows_out']} rows but the input has {manifest['rows_in']}; "
-            "were input files changed or removed since an earlier run? rerun with overwrite=true"
-        )
-    write_json(out_loc.join("_manifest.json"), manifest)
-    with out_loc.fs.open(out_loc.join("_SUCCESS").path, "w") as fh:
-        fh.write("")
-    return manifest
-

@@ -5,7 +5,6 @@ writer drops:
 
     __unit      int32        index of the work unit (see :mod:`pipelines.score.units`)
     __row       int64        row number in the input file
-    __checksum  uint64       order-independent checksum of all the unit's ids (read from the input)
     __ids       list<int32>  token ids (null when the row has no text)
     __length    int32        token count (0 when the row has no text)
     error       string       why the row has no text (null otherwise)
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from mtcls import join_texts, tokenize_flat
 from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
 
-UNIT, ROW, CHECKSUM, IDS, LENGTH = "__unit", "__row", "__checksum", "__ids", "__length"
+UNIT, ROW, IDS, LENGTH = "__unit", "__row", "__ids", "__length"
 COMMIT_KEY = b"mtcls_commit"
 
 
@@ -68,8 +67,7 @@ def read_and_tokenize(batch: dict[str, np.ndarray], units: list[dict[str, Any]],
                       text_columns: list[str], separator: str, max_length: int, tokenizer_ref: list) -> pa.Table:
     """Ray Data ``map_batches`` function: unit indices in, one tokenized block per unit out.
 
-    Reads the unit's row groups, computes the checksum of all its ids, drops rows already in the
-    output (a resumed unit), joins and validates the text columns and tokenizes with the
+    Reads the unit's row groups, drops rows already in the output (a resumed unit), joins and validates the text columns and tokenizes with the
     ``tokenizers`` batch API.
     """
     import ray
@@ -86,7 +84,6 @@ def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[s
     with in_fs.open(unit["path"], "rb") as fh:
         table = pq.ParquetFile(fh).read_row_groups(unit["row_groups"], columns=columns)
     rows = np.arange(unit["first_row"], unit["first_row"] + table.num_rows, dtype=np.int64)
-    checksum = ids_checksum(table.column(columns[0]))
     keep = np.ones(table.num_rows, dtype=bool)
     for a, b in unit["done"]:
         keep[a - unit["first_row"]:b - unit["first_row"]] = False
@@ -109,7 +106,6 @@ def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[s
     out.update({
         UNIT: pa.array(np.full(table.num_rows, index, dtype=np.int32)),
         ROW: pa.array(rows),
-        CHECKSUM: pa.array(np.full(table.num_rows, checksum, dtype=np.uint64)),
         IDS: ids,
         LENGTH: pa.array(lengths),
         ERROR_COLUMN: pa.array(errors, pa.string()),
@@ -134,10 +130,11 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
 
     Rows are grouped by unit; each group is written to staging and moved into place under a name
     derived from the unit and the exact rows it holds, so a retried task replaces its file instead
-    of adding a second copy. The file's metadata records the unit, its rows and checksums.
+    of adding a second copy. The file's metadata records the input file, its rows and the checksum
+    of the ids written.
 
     Returns:
-        One row per file written: name, unit, rows, errors, truncated rows.
+        One row per file written: name, rows, errors, truncated rows.
     """
     unit_col = batch.column(UNIT).to_numpy()
     records = []
@@ -150,11 +147,10 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
             raise RuntimeError(f"unit {units[index]['key']}: a row reached the writer twice in one block")
         unit = units[int(index)]
         ranges = row_ranges(rows)
-        name = f"part-{unit['key']}-{hashlib.sha1(json.dumps(ranges).encode()).hexdigest()[:12]}.parquet"
+        uri, fp = input_uris[unit["file"]], fingerprints[unit["file"]]
+        name = output_name(uri, fp, ranges)
         commit = {
-            "unit": unit["key"], "input": input_uris[unit["file"]], "fingerprint": fingerprints[unit["file"]],
-            "unit_first_row": unit["first_row"], "unit_rows": unit["rows"], "ranges": ranges,
-            "rows": int(part.num_rows), "unit_checksum": str(int(part.column(CHECKSUM)[0].as_py())),
+            "input": uri, "fingerprint": fp, "ranges": ranges, "rows": int(part.num_rows),
             "checksum": str(ids_checksum(part.column(schema.names[0]))),
             "errors": int(part.num_rows - part.column(ERROR_COLUMN).null_count),
             "truncated": int(pc.sum(part.column(TRUNCATED_COLUMN)).as_py() or 0),
@@ -165,7 +161,17 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
         with out_fs.open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
         out_fs.mv(tmp, posixpath.join(out_root, name))
-        records.append({"file": name, "unit": unit["key"], "rows": commit["rows"], "errors": commit["errors"],
-                        "truncated": commit["truncated"]})
-    return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("unit", pa.string()), ("rows", pa.int64()),
+        records.append({"file": name, "rows": commit["rows"], "errors": commit["errors"], "truncated": commit["truncated"]})
+    return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("rows", pa.int64()),
                                                            ("errors", pa.int64()), ("truncated", pa.int64())]))
+
+
+def output_name(input_uri: str, fingerprint: str, ranges: list[list[int]]) -> str:
+    """The output file's name: a function of the input file (and its version) and the exact rows it holds.
+
+    A retried write of the same rows replaces the file instead of adding a second copy, whatever
+    the work units of the run were.
+    """
+    source = hashlib.sha1(json.dumps([input_uri, fingerprint]).encode()).hexdigest()[:12]
+    rows = hashlib.sha1(json.dumps(ranges).encode()).hexdigest()[:12]
+    return f"part-{source}-{ranges[0][0]:010d}-{rows}.parquet"

@@ -48,14 +48,28 @@ class Unit:
         return asdict(self)
 
 
+@dataclass
+class InputFile:
+    """One input file as planned: where it is, its version and its rows."""
+
+    fs: Any
+    uri: str
+    fingerprint: str
+    rows: int
+
+
 def fingerprint(loc: Location, path: str) -> str:
-    """Size and modification time (or ETag) of a file: changes when the file is rewritten."""
+    """Size and modification time (or ETag) of a file: changes when the file is rewritten.
+
+    A file rewritten with the same size within the filesystem's timestamp resolution keeps its
+    fingerprint; on object stores the ETag changes with the content.
+    """
     info = loc.fs.info(path)
     stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
     return f"{info.get('size')}:{stamp}"
 
 
-def _file_units(loc: Location, path: str, rows_per_unit: int) -> tuple[list[Unit], int]:
+def _file_units(loc: Location, path: str, rows_per_unit: int) -> tuple[list[Unit], InputFile]:
     try:
         with loc.fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
@@ -74,7 +88,7 @@ def _file_units(loc: Location, path: str, rows_per_unit: int) -> tuple[list[Unit
         start += n
     if groups and start > first:
         units.append(_unit(uri, fp, path, groups, first, start - first))
-    return units, meta.num_rows
+    return units, InputFile(loc.fs, uri, fp, meta.num_rows)
 
 
 def _unit(uri: str, fp: str, path: str, groups: list[int], first: int, rows: int) -> Unit:
@@ -82,11 +96,11 @@ def _unit(uri: str, fp: str, path: str, groups: list[int], first: int, rows: int
     return Unit(key=key, path=path, row_groups=list(groups), first_row=first, rows=rows)
 
 
-def plan_units(loc: Location, files: list[str], rows_per_unit: int, threads: int = 16) -> tuple[list[Unit], dict[str, int]]:
+def plan_units(loc: Location, files: list[str], rows_per_unit: int, threads: int = 16) -> tuple[list[Unit], dict[str, InputFile]]:
     """Units of every input file, from their footers (read in parallel).
 
     Returns:
-        The units in file order, and the row count of each file.
+        The units in file order, and each input file by path.
 
     Raises:
         InputError: Naming a file whose footer cannot be read.
@@ -94,4 +108,4 @@ def plan_units(loc: Location, files: list[str], rows_per_unit: int, threads: int
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
         results = list(pool.map(lambda p: _file_units(loc, p, rows_per_unit), files))
     units = [u for file_units, _ in results for u in file_units]
-    return units, {p: n for p, (_, n) in zip(files, results)}
+    return units, {p: f for p, (_, f) in zip(files, results)}

@@ -8,7 +8,6 @@ import pytest
 from transformers import AutoTokenizer
 
 import mtcls
-from pipelines.score import commit
 from pipelines.config import ConfigError, load_config
 from pipelines.resources import plan_resources
 from pipelines.score import ScoreConfig, run_score
@@ -31,7 +30,7 @@ def write_corpus(path, n=60, start=0):
 
 
 def score(tmp_path, model_dir, **overrides):
-    args = {"output": str(tmp_path / "out"), "model": str(model_dir), "progress": False, "block_rows": 16, "max_tokens_per_batch": 256}
+    args = {"output": str(tmp_path / "out"), "model": str(model_dir), "progress": False, "block_rows": 16, "max_tokens_per_batch": 256, "lock_timeout_s": 5}
     args.update(overrides)
     cfg = load_config(ScoreConfig, None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in args.items()])
     return cfg, run_score(cfg)
@@ -116,57 +115,94 @@ def test_bad_inputs_fail_before_any_output(tmp_path, tiny_model_dir, ray_local):
     assert not out.exists() or not any(out.glob("*.parquet"))
 
 
-def test_rerun_is_idempotent_and_resumes_after_a_crash(tmp_path, tiny_model_dir, ray_local, monkeypatch):
+def _parts(out):
+    return sorted(p.name for p in out.glob("part-*.parquet"))
+
+
+def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, tiny_model_dir, ray_local):
     (tmp_path / "in").mkdir()
     ids = set()
     for k in range(3):
         ids |= set(write_corpus(tmp_path / "in" / f"p{k}.parquet", 20, start=20 * k))
-    real_commit = commit.OutputDir.commit
-    calls = {"n": 0}
+    out = tmp_path / "out"
+    score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), rows_per_file=20)
+    files = _parts(out)
+    assert len(files) >= 3
+    # A kill before the last files were committed: they are missing, staging holds a half-written file.
+    lost = files[-2:]
+    lost_rows = sum(pq.read_metadata(out / f).num_rows for f in lost)
+    for name in lost:
+        (out / name).unlink()
+    (out / "_SUCCESS").unlink()
+    (out / "_mtcls" / "staging" / "part-half-written.parquet.1234").write_bytes(b"PAR1 partial")
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), rows_per_file=20)
+    assert manifest["rows_scored_this_run"] == lost_rows
+    table = pd.read_parquet(cfg.output)
+    assert len(table) == 60 and set(table["id"]) == ids and table["id"].is_unique
+    assert not any((out / "_mtcls" / "staging").iterdir()) and (out / "_SUCCESS").exists()
 
-    def crash_on_second(self, wave, staged, counts):
-        calls["n"] += 1
-        if calls["n"] == 2:  # killed after writing wave 2's files to staging, before recording it
-            raise KeyboardInterrupt("killed")
-        return real_commit(self, wave, staged, counts)
-
-    monkeypatch.setattr(commit.OutputDir, "commit", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
-    assert not (tmp_path / "out" / "_SUCCESS").exists()
-    assert len(pd.read_parquet(tmp_path / "out")) == 20  # only the committed wave is visible
-    monkeypatch.setattr(commit.OutputDir, "commit", real_commit)
-
-    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
-    assert manifest["rows_scored_this_run"] == 40
-    out = pd.read_parquet(cfg.output)
-    assert len(out) == 60 and set(out["id"]) == ids and out["id"].is_unique
-    assert not any((tmp_path / "out" / "_mtcls" / "staging").iterdir())
-
-    files = sorted(p.name for p in (tmp_path / "out").glob("part-*"))
-    _, again = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
-    assert again["rows_scored_this_run"] == 0
-    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == files
+    # A no-op rerun (with another unit size) changes nothing, and the manifest on disk says so.
+    _, again = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), rows_per_file=7)
+    assert again["rows_scored_this_run"] == 0 and _parts(out) == files
+    assert json.loads((out / "_manifest.json").read_text())["rows_scored_this_run"] == 0
 
     write_corpus(tmp_path / "in" / "p3.parquet", 5, start=60)  # a new file: only it is scored
-    _, more = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), wave_rows=20)
+    _, more = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"))
     assert more["rows_scored_this_run"] == 5 and pd.read_parquet(cfg.output)["id"].is_unique
 
 
-def test_interrupted_move_is_rolled_forward(tmp_path, tiny_model_dir, ray_local, monkeypatch):
+def test_a_changed_input_file_is_rescored_and_its_old_rows_removed(tmp_path, tiny_model_dir, ray_local):
+    (tmp_path / "in").mkdir()
+    write_corpus(tmp_path / "in" / "a.parquet", 10)
+    write_corpus(tmp_path / "in" / "b.parquet", 10, start=10)
+    score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"))
+    import time
+
+    time.sleep(0.01)
+    new = write_corpus(tmp_path / "in" / "b.parquet", 12, start=100)  # b rewritten with other rows
+    _, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"))
+    table = pd.read_parquet(tmp_path / "out")
+    assert manifest["rows_scored_this_run"] == 12 and len(table) == 22
+    assert set(new) <= set(table["id"]) and not any(i.startswith("row-0001") for i in table["id"] if i >= "row-00010" and i < "row-00020")
+    assert len(manifest["verification"]["stale_files_removed"]) >= 1
+
+
+def test_duplicate_files_are_removed_and_damaged_files_are_caught(tmp_path, tiny_model_dir, ray_local):
     write_corpus(tmp_path / "in.parquet", 30)
-    real_move = commit.OutputDir._move
+    score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+    out = tmp_path / "out"
+    first = _parts(out)[0]
+    # A retried write that landed under another name: the same rows twice on disk.
+    (out / "part-retried-copy.parquet").write_bytes((out / first).read_bytes())
+    (out / "_SUCCESS").unlink()
+    _, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+    assert manifest["rows_out"] == 30 and pd.read_parquet(out)["id"].is_unique
+    assert len(manifest["verification"]["duplicate_files_removed"]) == 1
 
-    def die_before_move(self, record):
-        raise KeyboardInterrupt("killed while moving")
-
-    monkeypatch.setattr(commit.OutputDir, "_move", die_before_move)
-    with pytest.raises(KeyboardInterrupt):
+    # Rows changed on disk behind the job's back: the id check refuses to write _SUCCESS.
+    victim = _parts(out)[0]
+    table = pq.read_table(out / victim)
+    ids = table.column("id").to_pylist()
+    ids[0] = "someone-else"
+    pq.write_table(table.set_column(0, "id", pa.array(ids)), out / victim)
+    (out / "_SUCCESS").unlink()
+    with pytest.raises(RuntimeError, match="ids in the output differ from the ids in the input"):
         score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
-    monkeypatch.setattr(commit.OutputDir, "_move", real_move)
-    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
-    assert manifest["rows_scored_this_run"] == 0  # the recorded wave was completed, not redone
-    assert len(pd.read_parquet(cfg.output)) == 30
+    assert not (out / "_SUCCESS").exists()
+
+
+def test_a_second_job_on_a_held_output_fails_naming_the_holder(tmp_path, tiny_model_dir, ray_local):
+    from pipelines.score.lock import LockHeldError, OutputLock
+    from pipelines.storage import locate
+
+    write_corpus(tmp_path / "in.parquet", 5)
+    (tmp_path / "out" / "_mtcls").mkdir(parents=True)
+    with OutputLock(locate(str(tmp_path / "out")), owner={"run_id": "cron-2026-11-22"}):
+        with pytest.raises(LockHeldError, match="cron-2026-11-22") as err:
+            score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+        assert "pid" in str(err.value) and not _parts(tmp_path / "out")
+    _, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
+    assert manifest["rows_out"] == 5
 
 
 def test_foreign_output_directory_is_refused(tmp_path, tiny_model_dir, ray_local):
