@@ -7,8 +7,8 @@ micro-batch by micro-batch (:func:`accumulate_gradients`). Validation rows are s
 workers by row number, each worker computes the library's mergeable statistics on its rows, and an
 all-reduce sums them, so the reported metrics are exactly those of the whole validation set. Each
 epoch ends with ``ray.train.report`` (a checkpoint from rank 0); a restarted worker group resumes
-from the last checkpoint (model, optimizer, schedule, loss scale, history) and, as random state is
-seeded per epoch, trains on exactly as an uninterrupted run would.
+from the last checkpoint (model, optimizer, schedule, loss scale, history) and goes on exactly as an
+uninterrupted run would: data order and random state are seeded per epoch.
 """
 
 from __future__ import annotations

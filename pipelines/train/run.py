@@ -7,6 +7,7 @@ the tokenizer, plus ``training_summary.json`` (per-epoch metrics and per-head re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -48,7 +49,6 @@ def build_initial_model(cfg: TrainConfig, specs: list, target: Path, tokenizer: 
     tokenizer.save_pretrained(target)
 
 
-
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Trains and exports the best model; starts a local Ray if none is running.
 
@@ -73,6 +73,20 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 def optimizer_steps(optimizer_state: dict[str, Any]) -> int:
     """Optimizer updates made so far, from an AdamW ``state_dict()`` (0 before the first)."""
     return max((int(s["step"]) for s in optimizer_state["state"].values()), default=0)
+
+
+def _data_config() -> Any:
+    """Splits the training data between workers in the same order on every run.
+
+    Ray Data otherwise hands blocks to workers by locality and arrival, so a worker group restarted
+    after a failure could see other rows in other batches than an uninterrupted run.
+    """
+    from ray.data import DataContext
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": options})
 
 
 def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
@@ -120,7 +134,7 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.best_metric, checkpoint_score_order="max"),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(),
     )
     result = trainer.fit()
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.best_metric])

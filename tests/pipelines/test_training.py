@@ -118,7 +118,6 @@ def _kill_the_worker_once_a_checkpoint_is_registered(storage: Path, killed: list
         time.sleep(0.02)
     for actor in actors(actor_state_name="ALIVE").values():
         if actor["ActorClassName"] == "RayTrainWorker":
-            print("KILL", time.time(), sorted(x.name for x in storage.glob("*/checkpoint_*")), flush=True)
             os.kill(actor["Pid"], signal.SIGKILL)
             killed.append(actor["Pid"])
 
@@ -137,9 +136,7 @@ def test_a_run_whose_worker_is_killed_resumes_and_ends_as_an_uninterrupted_one(d
     killer.start()
     resumed = train(data / "killed", tiny_encoder_dir, *args)
     killer.join()
-    print("END", time.time(), resumed["resumed_after_failure"], resumed["seconds"], flush=True)
     uninterrupted = train(data / "uninterrupted", tiny_encoder_dir, *args)
-    print("U", uninterrupted["seconds"], [e["train_loss"] for e in uninterrupted["epochs"]], [e["train_loss"] for e in resumed["epochs"]])
 
     assert len(killed) == 1 and resumed["resumed_after_failure"] == 1 and uninterrupted["resumed_after_failure"] == 0
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2]

@@ -1,0 +1,129 @@
+"""Real faults during scoring: SIGKILL of the driver and of an inference actor, then exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def write_inputs(path: Path, files: int, rows: int) -> set[str]:
+    path.mkdir(parents=True)
+    ids = set()
+    for k in range(files):
+        names = [f"f{k:03d}-{i:05d}" for i in range(rows)]
+        texts = [f"review {i} of batch {k}: " + "words " * (i % 40) for i in range(rows)]
+        pq.write_table(pa.table({"id": names, "text": texts}), path / f"part-{k:03d}.parquet", row_group_size=100)
+        ids |= set(names)
+    return ids
+
+
+def visible_rows(out: Path) -> int:
+    total = 0
+    for p in out.glob("part-*.parquet"):
+        try:
+            total += pq.read_metadata(p).num_rows
+        except Exception:  # noqa: BLE001 - a file being moved into place
+            pass
+    return total
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILLs every process whose environment carries the marker (the driver and the Ray it started)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def actor_pids(name: str) -> list[int]:
+    """Processes whose title names the actor class (Ray titles actor workers ``ray::<class>``)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and f"ray::MapWorker(MapBatches({name}))".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def score_cmd(inp: Path, out: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.score", f"input={inp}", f"output={out}", f"model={model}", "progress=false",
+            "rows_per_file=200", "block_rows=50", "max_tokens_per_batch=64", "num_actors=1", "lock_timeout_s=2"]
+
+
+def test_driver_killed_mid_run_then_rerun_scores_each_row_once(tmp_path, tiny_model_dir):
+    ids = write_inputs(tmp_path / "in", files=12, rows=1000)
+    out = tmp_path / "out"
+    marker = f"MTCLS_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", marker: "1"}
+    job = subprocess.Popen(score_cmd(tmp_path / "in", out, tiny_model_dir), cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    seen: list[int] = []
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None:
+        seen.append(visible_rows(out))
+        if seen[-1] >= 0.3 * len(ids):
+            break
+        time.sleep(0.2)
+    assert job.poll() is None, "the job finished before it could be killed; make the corpus larger"
+    kill_marked(marker)
+    job.wait(timeout=30)
+    at_kill = visible_rows(out)
+    assert 0 < at_kill < len(ids) and not (out / "_SUCCESS").exists()
+    assert len(set(seen)) > 2  # rows became visible while the job ran, in several steps
+
+    rerun = subprocess.run(score_cmd(tmp_path / "in", out, tiny_model_dir), cwd=ROOT, env={**env, marker: "0"},
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    table = pd.read_parquet(out, columns=["id"])
+    assert len(table) == len(ids) and set(table["id"]) == ids and table["id"].is_unique
+    assert manifest["rows_scored_this_run"] <= len(ids) - at_kill
+    assert (out / "_SUCCESS").exists()
+
+
+def test_inference_actor_killed_mid_run_loses_no_row(tmp_path, tiny_model_dir, ray_local):
+    import ray
+
+    from pipelines.score import ScoreConfig, run_score
+
+    ids = write_inputs(tmp_path / "in", files=8, rows=1000)
+    out = tmp_path / "out"
+    cfg = ScoreConfig(input=str(tmp_path / "in"), output=str(out), model=str(tiny_model_dir), progress=False,
+                      rows_per_file=200, block_rows=50, max_tokens_per_batch=64, num_actors=1)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(manifest=run_score(cfg)))
+    runner.start()
+    killed = []
+    deadline = time.time() + 240
+    while runner.is_alive() and time.time() < deadline and not killed:
+        if visible_rows(out) > 0:
+            for pid in actor_pids("InferenceActor"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert killed, "no inference actor was found alive to kill"
+    manifest = result["manifest"]
+    table = pd.read_parquet(out, columns=["id", "error"])
+    assert len(table) == len(ids) and set(table["id"]) == ids and table["id"].is_unique
+    assert manifest["rows_out"] == len(ids) and manifest["verification"]["problems"] == []
+    assert ray.is_initialized()
