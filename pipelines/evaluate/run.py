@@ -36,7 +36,12 @@ class _EvalActor:
 
     def __init__(self, files_ref: list, specs: list[dict], label_columns: dict[str, str], text_columns: list[str],
                  slice_by: list[str], bins: int, **engine_kwargs: Any) -> None:
+        import ray
+
         self.engine, self._copy = load_shipped_engine(files_ref, **engine_kwargs)
+        # Where this actor runs: the GPUs Ray gave it and the device torch uses (shown in the report).
+        self.device = {"ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch": self.engine.device.type,
+                       "precision": self.engine.precision.name}
         self.specs = [HeadSpec.from_dict(s) for s in specs]
         self.label_columns, self.text_columns, self.slice_by, self.bins = label_columns, text_columns, slice_by, bins
 
@@ -48,6 +53,7 @@ class _EvalActor:
         scored[rows[good]] = True
         probs = {name: p[good] for name, p in probs.items()}
         stats = block_statistics(batch, self.specs, self.label_columns, probs, scored, self.slice_by, self.bins)
+        stats["device"] = self.device
         return pa.table({"stats": [json.dumps(stats)]})
 
 
@@ -109,7 +115,8 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_files_ref: Any, 
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
     blocks = [json.loads(r["stats"]) for r in per_block.take_all()]
-    return merge_block_statistics(specs, blocks), {"label_columns": label_columns}
+    devices = sorted({json.dumps(b.pop("device"), sort_keys=True) for b in blocks})
+    return merge_block_statistics(specs, blocks), {"label_columns": label_columns, "devices": [json.loads(d) for d in devices]}
 
 
 def specs_from_predictions(uri: str) -> tuple[list[HeadSpec], dict[str, Any]]:
@@ -162,8 +169,9 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     report = build_report(specs, totals, details["label_columns"], cfg.tune_thresholds)
     report["model"] = identity
     report["config"] = config_to_dict(cfg)
-    if "join" in details:
-        report["join"] = details["join"]
+    for key in ("join", "devices"):
+        if key in details:
+            report[key] = details[key]
     out = locate(cfg.output)
     out.fs.makedirs(out.path, exist_ok=True)
     write_json(out.join("report.json"), report)

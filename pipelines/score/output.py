@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import pyarrow.parquet as pq
 
-from pipelines.score.stages import COMMIT_KEY, ids_checksum
+from pipelines.score.records import COMMIT_KEY
 from pipelines.score.units import InputFile, Unit
 from pipelines.storage import InputError, Location
 
@@ -224,10 +224,3 @@ def _exact_cover(inp: InputFile, files: list[Committed]) -> tuple[list[Committed
     if covered != inp.rows:
         return chosen, extra, f"{inp.uri}: {inp.rows - covered} of its {inp.rows} rows are not in the output"
     return chosen, extra, None
-
-
-def checksum_file(fs: Any, path: str, column: str) -> tuple[int, int]:
-    """Rows and id checksum of one Parquet file, read back from storage."""
-    with fs.open(path, "rb") as fh:
-        ids = pq.read_table(fh, columns=[column]).column(column)
-    return len(ids), ids_checksum(ids)

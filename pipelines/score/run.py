@@ -29,7 +29,8 @@ from pipelines.runtime import init_ray
 from pipelines.score.actor import InferenceActor
 from pipelines.score.config import ScoreConfig
 from pipelines.score.lock import OutputLock
-from pipelines.score.output import OutputDir, Verification, checksum_file
+from pipelines.score.output import OutputDir, Verification
+from pipelines.score.records import checksum_file
 from pipelines.score.schema import output_schema
 from pipelines.score.stages import ROW, UNIT, read_and_tokenize, write_units
 from pipelines.score.units import InputFile, plan_units
@@ -86,6 +87,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         scored = _score_units(cfg, units, pending, inputs, in_loc, out, schema, model_dir, model_config) if pending else 0
         timings["scoring_s"] = time.time() - score_started
         verification = out.verify(inputs, _checksum_fanout(cfg.id_column))
+        timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
         timings["total_s"] = time.time() - started
         manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale)
         write_json(out_loc.join("_manifest.json"), manifest)
@@ -163,11 +165,13 @@ def _checksum_fanout(column: str) -> Any:
     def run(paths: list[tuple[Any, str]]) -> list[tuple[int, int]]:
         import ray
 
-        @ray.remote(num_cpus=0.5)
+        # One task per CPU, none reserved: the reads must not wait for the actor pool's CPUs to come back.
+        @ray.remote(num_cpus=0)
         def chunk(part: list[tuple[Any, str]]) -> list[tuple[int, int]]:
             return [checksum_file(fs, path, column) for fs, path in part]
 
-        size = max(1, len(paths) // 64)
+        tasks = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 1))))
+        size = -(-len(paths) // tasks)
         refs = [chunk.remote(paths[i:i + size]) for i in range(0, len(paths), size)]
         return [r for ref in refs for r in ray.get(ref)]
 

@@ -13,34 +13,21 @@ writer drops:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import uuid
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mtcls import join_texts, tokenize_flat
+from pipelines.score.records import COMMIT_KEY, ids_checksum, output_name, row_ranges
 from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
 
 UNIT, ROW, IDS, LENGTH = "__unit", "__row", "__ids", "__length"
-COMMIT_KEY = b"mtcls_commit"
-
-
-def ids_checksum(ids: pa.Array | pa.ChunkedArray) -> int:
-    """Order-independent checksum of ids: the wrapping sum of a 64-bit hash of each id.
-
-    Equal multisets of ids give equal sums; a missing, extra or duplicated id changes it (up to
-    hash collisions, 2^-64).
-    """
-    values = ids.to_numpy(zero_copy_only=False) if len(ids) else np.zeros(0, dtype=object)
-    hashed = pd.util.hash_array(np.asarray(values, dtype=object))
-    return int(hashed.sum(dtype=np.uint64))
 
 
 class _TokenizerCache:
@@ -114,16 +101,6 @@ def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[s
     return pa.table(out)
 
 
-def row_ranges(rows: np.ndarray) -> list[list[int]]:
-    """Sorted unique row numbers -> ``[start, end)`` runs."""
-    if not len(rows):
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(rows)]])
-    return [[int(rows[s]), int(rows[e - 1]) + 1] for s, e in zip(starts, ends)]
-
-
 def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema, out_fs: Any, out_root: str,
                 staging: str, input_uris: list[str], fingerprints: list[str]) -> pa.Table:
     """Ray Data ``map_batches`` function: scored rows in, committed Parquet files out.
@@ -164,14 +141,3 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
         records.append({"file": name, "rows": commit["rows"], "errors": commit["errors"], "truncated": commit["truncated"]})
     return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("rows", pa.int64()),
                                                            ("errors", pa.int64()), ("truncated", pa.int64())]))
-
-
-def output_name(input_uri: str, fingerprint: str, ranges: list[list[int]]) -> str:
-    """The output file's name: a function of the input file (and its version) and the exact rows it holds.
-
-    A retried write of the same rows replaces the file instead of adding a second copy, whatever
-    the work units of the run were.
-    """
-    source = hashlib.sha1(json.dumps([input_uri, fingerprint]).encode()).hexdigest()[:12]
-    rows = hashlib.sha1(json.dumps(ranges).encode()).hexdigest()[:12]
-    return f"part-{source}-{ranges[0][0]:010d}-{rows}.parquet"
