@@ -97,6 +97,7 @@ class OutputDir:
     def committed(self, threads: int = 16) -> list[Committed]:
         """Every committed output file with its commit metadata (footers read in parallel)."""
         fs = self.loc.fs
+        fs.invalidate_cache(self.loc.path)  # other processes wrote here; object stores cache listings
         if not fs.exists(self.loc.path):
             return []
         names = sorted(posixpath.basename(p) for p in fs.ls(self.loc.path, detail=False)

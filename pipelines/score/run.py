@@ -24,7 +24,7 @@ from mtcls import MultiTaskConfig, text_separator
 from pipelines.artifacts import localize_model, model_identity, read_model_files
 from pipelines.demo.corpus import default_corpus_dir
 from pipelines.demo.default_model import default_model_dir
-from pipelines.resources import plan_scoring
+from pipelines.resources import ScoringPlan, plan_scoring
 from pipelines.runtime import init_ray
 from pipelines.score.actor import InferenceActor
 from pipelines.score.config import ScoreConfig
@@ -82,14 +82,18 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
             if out_loc.fs.exists(success.path):
                 out_loc.fs.rm(success.path)  # incomplete until the new rows are in
         init_ray()
+        import ray
+
         timings = {"setup_s": time.time() - started}
         score_started = time.time()
-        scored = _score_units(cfg, units, pending, inputs, in_loc, out, schema, model_dir, model_config) if pending else 0
+        plan = plan_scoring(cfg, ray.cluster_resources())
+        scored = _score_units(cfg, plan, units, pending, inputs, in_loc, out, schema, model_dir, model_config) if pending else 0
         timings["scoring_s"] = time.time() - score_started
         verification = out.verify(inputs, _checksum_fanout(cfg.id_column))
         timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
         timings["total_s"] = time.time() - started
         manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale)
+        manifest["resources"] = vars(plan)
         write_json(out_loc.join("_manifest.json"), manifest)
         if verification.problems or manifest["rows_out"] != manifest["rows_in"]:
             raise RuntimeError(
@@ -102,14 +106,13 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     return manifest
 
 
-def _score_units(cfg: ScoreConfig, units: list, pending: list, inputs: dict[str, InputFile], in_loc: Any, out: OutputDir,
+def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list, inputs: dict[str, InputFile], in_loc: Any, out: OutputDir,
                  schema: pa.Schema, model_dir: Any, model_config: MultiTaskConfig) -> int:
     """The streaming execution: returns the rows committed by this run."""
     import ray
     import ray.data
     from transformers import AutoTokenizer
 
-    plan = plan_scoring(cfg, ray.cluster_resources())
     log.info("%d of %d units to score (%d rows); plan: %s", len(pending), len(units),
              sum(u.pending_rows for u in pending), plan)
     ctx = ray.data.DataContext.get_current()
