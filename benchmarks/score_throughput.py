@@ -10,7 +10,8 @@ On GoEmotions texts (max 128 tokens), figures named as in issue 11:
                 pass at the same precision (pre-tokenized, token-budget batches);
   memory        peak RSS of all Ray processes and the driver, for the 1x and the 10x run;
   progress      rows visible while a job runs; a job killed once 30% is visible, then rerun: the share
-                of rows the rerun scores.
+                of rows the rerun scores;
+  budget        the bare MiniLM forward at several token budgets per batch (how the CPU default was chosen).
 Steady state is the extra time of a 10x run over a 1x run, so start-up (actors, model load) cancels out.
 Also: three transformers ``pipeline("text-classification")`` runs (one per head), as users of
 single-task models would do.
@@ -40,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import mtcls  # noqa: E402
 from pipelines.score import ScoreConfig, run_score  # noqa: E402
+from pipelines.score.output import visible_rows as output_visible_rows  # noqa: E402
+from pipelines.storage import locate  # noqa: E402
 
 HEADS = [
     {"name": "emotions", "kind": "multilabel", "labels": [f"e{i}" for i in range(28)]},
@@ -122,9 +125,9 @@ def bench_tokenizer(tokenizer, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-def bench_forward(model, tokenizer, texts: list[str], precision: str = "fp32") -> float:
+def bench_forward(model, tokenizer, texts: list[str], precision: str = "fp32", max_tokens: int | None = None) -> float:
     tokens = mtcls.tokenize_flat(tokenizer, texts, 128)
-    engine = mtcls.InferenceEngine(model, tokenizer, precision, device="cpu")
+    engine = mtcls.InferenceEngine(model, tokenizer, precision, device="cpu", max_tokens_per_batch=max_tokens)
     engine.predict_tokens(tokens.rows()[:64])  # warm-up
     start = time.perf_counter()
     engine.predict_tokens(tokens)
@@ -155,13 +158,7 @@ def tiny_model(tokenizer) -> mtcls.MultiTaskModel:
 
 
 def visible_rows(out: Path) -> int:
-    total = 0
-    for p in out.glob("part-*.parquet"):
-        try:
-            total += pq.read_metadata(p).num_rows
-        except Exception:  # noqa: BLE001 - a file being moved into place
-            pass
-    return total
+    return output_visible_rows(locate(str(out)))
 
 
 def bench_progress(corpus: Path, model_dir: Path, out: Path, rows: int) -> dict:
@@ -197,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4000, help="rows of the 1x MiniLM run (the 10x run has 10 times more)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/goemotions/train.parquet"))
-    parser.add_argument("--only", default="host_ceiling,minilm,memory,progress,pipelines")
+    parser.add_argument("--only", default="host_ceiling,minilm,memory,progress,pipelines,budget")
     parser.add_argument("--block-rows", type=int, default=ScoreConfig.block_rows, help="the job's block_rows")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -254,6 +251,10 @@ def main() -> None:
     if "progress" in only:
         tiny = save_model(tiny_model(tokenizer), tokenizer, work / "tiny_p")
         results["progress"] = bench_progress(corpus(300_000, "progress"), tiny, work / "o5", 300_000)
+    if "budget" in only and minilm is not None:
+        sample = base[:: max(1, len(base) // 2000)][:2000]
+        results["forward_rows_per_s_by_token_budget"] = {
+            budget: bench_forward(minilm, tokenizer, sample, max_tokens=budget) for budget in (1024, 2048, 4096, 8192, 16384)}
     if "pipelines" in only and minilm is not None:
         results["single_task_pipelines_rows_per_s"] = bench_single_task_pipelines(encoder_dir, base[:1000])
     results["targets_met"] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -79,3 +80,36 @@ def tiny_encoder_dir(tmp_path_factory, tokenizer):
     AutoModel.from_config(tiny_encoder_config()).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def moto_s3(secret: str = "mtcls-test-secret"):
+    """moto's S3 server on loopback with credentials in the environment (restored afterwards).
+
+    Yields the endpoint URL. Ray workers started inside the block inherit the credentials.
+    """
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "mtcls-test-key", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()  # no cached client pointing at another test's server
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -225,3 +225,16 @@ def _exact_cover(inp: InputFile, files: list[Committed]) -> tuple[list[Committed
     if covered != inp.rows:
         return chosen, extra, f"{inp.uri}: {inp.rows - covered} of its {inp.rows} rows are not in the output"
     return chosen, extra, None
+
+
+def visible_rows(loc: Location) -> int:
+    """Rows a reader of the output directory sees now (footers of the committed files; for monitoring)."""
+    total = 0
+    loc.fs.invalidate_cache(loc.path)
+    for path in loc.fs.glob(posixpath.join(loc.path, "part-*.parquet")):
+        try:
+            with loc.fs.open(path, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        except (OSError, ValueError, FileNotFoundError):  # a file being replaced by a retried write
+            continue
+    return total

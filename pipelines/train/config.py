@@ -31,7 +31,7 @@ class TrainConfig:
         pooling: ``mean`` or ``cls``.
         max_length: Token limit.
         epochs, batch_size, learning_rate, weight_decay, warmup_ratio: Optimisation (AdamW, linear
-            warm-up then linear decay).
+            warm-up then linear decay; no weight decay on biases and LayerNorm weights).
         gradient_accumulation: Micro-batches per optimizer step.
         max_grad_norm: Gradient clipping (0 = off).
         precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), or explicit.

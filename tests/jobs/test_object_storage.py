@@ -4,12 +4,12 @@ Credentials come from the environment and must never appear in logs, manifests o
 """
 
 import json
-import os
-import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.conftest import moto_s3
 
 SECRET = "mtcls-test-secret-Zq9"
 
@@ -17,32 +17,16 @@ SECRET = "mtcls-test-secret-Zq9"
 @pytest.fixture(scope="module")
 def s3():
     import ray
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "mtcls-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import s3fs
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("mtcls-bucket")
-    if ray.is_initialized():
+    with moto_s3(SECRET):
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("mtcls-bucket")
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit the credentials
+        yield fs
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit the credentials
-    yield fs
-    ray.shutdown()
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def put_table(fs, table, uri):

@@ -15,6 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.score.output import visible_rows as output_visible_rows
+from pipelines.storage import locate
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
@@ -31,13 +34,7 @@ def write_inputs(path: Path, files: int, rows: int) -> set[str]:
 
 
 def visible_rows(out: Path) -> int:
-    total = 0
-    for p in out.glob("part-*.parquet"):
-        try:
-            total += pq.read_metadata(p).num_rows
-        except Exception:  # noqa: BLE001 - a file being moved into place
-            pass
-    return total
+    return output_visible_rows(locate(str(out)))
 
 
 def kill_marked(marker: str) -> None:

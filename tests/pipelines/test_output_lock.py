@@ -17,6 +17,8 @@ import uuid
 
 import pytest
 
+from tests.conftest import moto_s3
+
 from pipelines.score.lock import LockHeldError, LockLostError, OutputLock
 from pipelines.storage import InputError
 
@@ -227,30 +229,13 @@ def test_store_without_conditional_writes_warns_best_effort(caplog):
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on loopback, credentials in the environment (as tests/jobs/test_object_storage.py)."""
+    """moto's S3 server on loopback (tests.conftest.moto_s3)."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "mtcls-test-key", "AWS_SECRET_ACCESS_KEY": "mtcls-test-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()  # no cached client pointing at another test's server
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("mtcls-lock-bucket")
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3():
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("mtcls-lock-bucket")
+        yield fs
 
 
 def test_s3_second_job_fails_naming_the_holder_until_release(s3):
