@@ -25,9 +25,9 @@ from mtcls.encoding import text_separator
 from mtcls.modeling import MultiTaskModel, head_probabilities
 from mtcls.precision import Precision, resolve_precision
 
-#: Token budgets per forward pass, measured (benchmarks/RESULTS.md): CPU gains nothing past about
-#: 64 rows of short text; a GPU wants large batches.
-DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
+#: Token budgets per forward pass. CPU: measured (benchmarks/RESULTS.md, issue 11): 1024-2048 tokens are
+#: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent); large batches.
+DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
 MAX_BATCH_ROWS = 1024
 
 

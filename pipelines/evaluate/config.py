@@ -25,7 +25,7 @@ class EvalConfig:
         slice_by: Columns whose every value gets its own report (e.g. a source or date column).
         max_length: Token limit; 0 uses the model's.
         max_tokens_per_batch: Token budget per forward pass (rows x longest row); 0 picks the
-            device's default (4096 on CPU, 65536 on GPU).
+            device's default (2048 on CPU, 65536 on GPU).
         block_rows: Rows per actor call.
         num_actors: Inference actors; 0 plans from the cluster (one per GPU, else CPUs minus one).
         precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.

@@ -22,7 +22,7 @@ class ScoreConfig:
         passthrough_columns: Further input columns copied into the output.
         max_length: Token limit per row; 0 uses the model's ``max_seq_length``.
         max_tokens_per_batch: Token budget per forward pass (rows x longest row, after
-            length-sorting each block); 0 picks the device's default (4096 on CPU, 65536 on GPU).
+            length-sorting each block); 0 picks the device's default (2048 on CPU, 65536 on GPU).
         block_rows: Rows per actor call (the unit of length sorting).
         num_actors: Inference actors; 0 plans from the cluster (one per GPU, else CPUs minus one).
         num_gpus_per_actor: GPUs per actor; -1 uses 1 when the cluster has GPUs, else 0.

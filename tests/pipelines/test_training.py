@@ -94,7 +94,7 @@ def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data
     y = mtcls.encode_labels(spec, val.column("topics").to_pylist())
     stats = mtcls.head_statistics(spec, y, np.array(cols["topics_probs"]))
     assert mtcls.head_report(spec, stats)["macro_f1"] == pytest.approx(summary["best_metrics"]["topics_tuned_macro_f1"], abs=1e-9)
-    assert summary["best_metrics"]["topics_tuned_macro_f1"] >= summary["best_metrics"]["topics_macro_f1"] - 0.05
+    assert summary["best_metrics"]["topics_tuned_macro_f1"] >= summary["best_metrics"]["topics_macro_f1"] - 1e-9  # tuning can only match or beat 0.5
     # Balanced weights were resolved from label counts and saved with the model.
     assert isinstance(model.specs["sentiment"].class_weights, list)
     assert sorted(model.specs["topics"].labels) == ["sport", "tech"]
