@@ -50,6 +50,15 @@ class Tokens:
         """Per-row id arrays (views, no copy)."""
         return [self.ids[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
+    def padded(self, index: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``index`` as right-padded (B, T) ids and attention mask, T = their longest row (no Python loop)."""
+        lengths = self.offsets[index + 1] - self.offsets[index]
+        width = int(lengths.max())
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        positions = self.offsets[index][:, None] + np.arange(width)[None, :]
+        ids = np.where(mask, self.ids[np.minimum(positions, max(len(self.ids) - 1, 0))], pad_id).astype(np.int64)
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[int]], truncated: Optional[np.ndarray] = None) -> "Tokens":
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
@@ -94,11 +103,12 @@ def tokenize_flat(tokenizer: Any, texts: Sequence[str], max_length: int) -> Toke
     return Tokens.from_rows([e.ids for e in encodings], truncated)
 
 
-_BACKENDS: dict[tuple[int, int], Any] = {}
+_BACKENDS: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 
 def _truncating_backend(backend: Any, max_length: int) -> Any:
     # A private copy per (tokenizer, limit): truncation and padding are state of the Rust object.
+    # The entry keeps the original alive, so its id cannot be reused by another tokenizer.
     key = (id(backend), max_length)
     if key not in _BACKENDS:
         from tokenizers import Tokenizer
@@ -106,8 +116,8 @@ def _truncating_backend(backend: Any, max_length: int) -> Any:
         copy = Tokenizer.from_str(backend.to_str())
         copy.no_padding()
         copy.enable_truncation(max_length=max_length)
-        _BACKENDS[key] = copy
-    return _BACKENDS[key]
+        _BACKENDS[key] = (backend, copy)
+    return _BACKENDS[key][1]
 
 
 def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_rows: int = MAX_BATCH_ROWS) -> list[np.ndarray]:
@@ -211,13 +221,12 @@ class InferenceEngine:
         out = {name: np.empty((n, *spec.impl.logit_shape(spec)), np.float32) for name, spec in self.specs.items()}
         if n == 0:
             return out
-        rows = tokens.rows()
         cuda = self.device.type == "cuda"
         dtype = self.precision.autocast_dtype
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         pending: Optional[tuple[np.ndarray, dict[str, torch.Tensor]]] = None
         for idx in token_budget_batches(tokens.lengths, self.max_tokens):
-            ids, mask = pad_batch([rows[i] for i in idx], self.pad_id)
+            ids, mask = tokens.padded(idx, self.pad_id)
             if cuda:
                 ids, mask = ids.pin_memory(), mask.pin_memory()
             with autocast:

@@ -200,6 +200,17 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None, overrides
     return _build(cls, data)
 
 
+def require_at_least(config: Any, minimum: int, *keys: str) -> None:
+    """Checks that each named key of a config is at least ``minimum``.
+
+    Raises:
+        ConfigError: Naming the first key below it, with its value.
+    """
+    for key in keys:
+        if getattr(config, key) < minimum:
+            raise ConfigError(f"key {key!r}: must be >= {minimum}, got {getattr(config, key)}")
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config as plain data, for manifests and logs."""
     return dataclasses.asdict(config)

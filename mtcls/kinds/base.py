@@ -109,7 +109,7 @@ def string_column(labels: Sequence[str], index: np.ndarray) -> pa.Array:
 def list_column(values: np.ndarray, width: int) -> pa.Array:
     """A (N, width) float array as Arrow ``list<float32>`` (one list of ``width`` per row)."""
     flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-    offsets = pa.array(np.arange(0, flat.__len__() + 1, width, dtype=np.int32))
+    offsets = pa.array(np.arange(0, len(flat) + 1, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, flat)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mtcls import PRECISIONS
 from mtcls.thresholds import DEFAULT_BINS
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, require_at_least
 
 
 @dataclass
@@ -65,12 +65,8 @@ class EvalConfig:
             raise ConfigError("key 'labels': only used with 'predictions'; to score labelled data use 'data'")
         if not self.output:
             raise ConfigError("key 'output': a report directory is required")
-        for key in ("block_rows", "threshold_bins"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
-        for key in ("max_length", "max_tokens_per_batch", "num_actors"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"key {key!r}: must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, 1, "block_rows", "threshold_bins")
+        require_at_least(self, 0, "max_length", "max_tokens_per_batch", "num_actors")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.save_tuned_model and not self.tune_thresholds:

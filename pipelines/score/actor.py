@@ -8,8 +8,6 @@ their error; a failed forward pass is retried row by row so only the failing row
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +31,7 @@ def tokens_from_column(column: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> 
 
 
 def assemble(schema: pa.Schema, batch: pa.Table, scored: np.ndarray, columns: dict[str, pa.Array],
-             errors: list[Optional[str]]) -> pa.Table:
+             errors: pa.Array | pa.ChunkedArray) -> pa.Table:
     """The output block: batch columns, head columns (null where not scored), status columns.
 
     Args:
@@ -41,7 +39,7 @@ def assemble(schema: pa.Schema, batch: pa.Table, scored: np.ndarray, columns: di
         batch: The input block.
         scored: (N,) bool, rows that have predictions.
         columns: Head columns for the scored rows only, in block order.
-        errors: Per-row error message or None.
+        errors: Per-row error message (null where scored).
     """
     n = batch.num_rows
     positions = np.full(n, -1, dtype=np.int64)
@@ -53,7 +51,7 @@ def assemble(schema: pa.Schema, batch: pa.Table, scored: np.ndarray, columns: di
             values = columns[field.name]
             arrays.append((values if take is None else values.take(take)).cast(field.type))
         elif field.name == ERROR_COLUMN:
-            arrays.append(pa.array(errors, pa.string()))
+            arrays.append(errors)
         elif field.name == TRUNCATED_COLUMN:
             truncated = batch.column(TRUNCATED_COLUMN).to_numpy(zero_copy_only=False).astype(bool)
             arrays.append(pa.array(truncated, pa.bool_(), mask=~scored))
@@ -82,12 +80,15 @@ class InferenceActor:
         self.schema = schema
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        errors = batch.column(ERROR_COLUMN).to_pylist()
-        rows = np.flatnonzero([e is None for e in errors])
+        errors = batch.column(ERROR_COLUMN)
+        rows = np.flatnonzero(errors.is_null().to_numpy(zero_copy_only=False))
         probs, failures = predict_with_retry(self.engine, tokens_from_column(batch.column(IDS), rows))
         good = np.fromiter((f is None for f in failures), dtype=bool, count=len(failures))
-        for i, failure in zip(rows[~good], [f for f in failures if f is not None]):
-            errors[i] = failure
+        if not good.all():  # rows whose forward pass failed carry its message
+            messages = errors.to_pylist()
+            for i, failure in zip(rows[~good], [f for f in failures if f is not None]):
+                messages[i] = failure
+            errors = pa.array(messages, pa.string())
         scored = np.zeros(batch.num_rows, dtype=bool)
         scored[rows[good]] = True
         columns: dict[str, pa.Array] = {}

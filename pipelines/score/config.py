@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mtcls import PRECISIONS
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, require_at_least
 
 
 
@@ -66,12 +66,8 @@ class ScoreConfig:
             raise ConfigError("key 'id_column': an id column is required (rows are matched by id, never by order)")
         if self.lock_timeout_s < 1:
             raise ConfigError(f"key 'lock_timeout_s': must be >= 1 second, got {self.lock_timeout_s}")
-        for key in ("block_rows", "rows_per_file"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
-        for key in ("max_length", "max_tokens_per_batch", "num_actors", "torch_threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"key {key!r}: must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, 1, "block_rows", "rows_per_file")
+        require_at_least(self, 0, "max_length", "max_tokens_per_batch", "num_actors", "torch_threads")
         if self.num_cpus_per_actor <= 0:
             raise ConfigError(f"key 'num_cpus_per_actor': must be > 0, got {self.num_cpus_per_actor}")
         if self.precision not in PRECISIONS:

@@ -6,7 +6,6 @@ writer drops:
     __unit      int32        index of the work unit (see :mod:`pipelines.score.units`)
     __row       int64        row number in the input file
     __ids       list<int32>  token ids (null when the row has no text)
-    __length    int32        token count (0 when the row has no text)
     error       string       why the row has no text (null otherwise)
     truncated   bool         the text was cut at ``max_length``
 """
@@ -23,11 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtcls import join_texts, tokenize_flat
+from mtcls import tokenize_flat
+from pipelines.inference import texts_from_columns
 from pipelines.score.records import COMMIT_KEY, ids_checksum, output_name, row_ranges
 from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
 
-UNIT, ROW, IDS, LENGTH = "__unit", "__row", "__ids", "__length"
+UNIT, ROW, IDS = "__unit", "__row", "__ids"
 
 
 class _TokenizerCache:
@@ -76,9 +76,8 @@ def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[s
         keep[a - unit["first_row"]:b - unit["first_row"]] = False
     if not keep.all():
         table, rows = table.filter(pa.array(keep)), rows[keep]
-    texts, errors = join_texts({c: table.column(c).to_pylist() for c in text_columns}, separator)
-    ok = np.flatnonzero([e is None for e in errors])
-    tokens = tokenize_flat(tokenizer, [texts[i] for i in ok], max_length)
+    texts, ok, errors = texts_from_columns(table, text_columns, separator)
+    tokens = tokenize_flat(tokenizer, texts, max_length)
     lengths = np.zeros(table.num_rows, dtype=np.int32)
     lengths[ok] = tokens.lengths
     offsets = np.zeros(table.num_rows + 1, dtype=np.int32)
@@ -94,7 +93,6 @@ def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[s
         UNIT: pa.array(np.full(table.num_rows, index, dtype=np.int32)),
         ROW: pa.array(rows),
         IDS: ids,
-        LENGTH: pa.array(lengths),
         ERROR_COLUMN: pa.array(errors, pa.string()),
         TRUNCATED_COLUMN: pa.array(truncated),
     })

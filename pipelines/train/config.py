@@ -8,7 +8,7 @@ from typing import Any
 
 from mtcls import PRECISIONS, HeadSpec, HeadSpecError, get_kind, kind_names
 from mtcls.thresholds import DEFAULT_BINS
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, require_at_least
 
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(HeadSpec)}
 
@@ -105,9 +105,7 @@ class TrainConfig:
                 raise ConfigError(f"key 'heads[{i}]' ({head['name']!r}): unknown kind {head['kind']!r}; expected one of {kind_names()}")
             elif not get_kind(head["kind"]).labels_inferable:
                 raise ConfigError(f"key 'heads[{i}]' ({head['name']!r}): a {head['kind']} head needs 'labels' (they cannot be inferred)")
-        for key in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "length_grouping"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "length_grouping")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"key 'validation_fraction': must be in (0, 1), got {self.validation_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mtcls import HeadSpec, MultiTaskModel, head_report, head_statistics
 from mtcls.inference import pad_batch
+from mtcls.kinds import mean_of_parts
 from mtcls.metrics import empty_statistics, merge_statistics
 from mtcls.modeling import MultiTaskOutput, head_probabilities
 from mtcls.thresholds import best_thresholds, threshold_histograms
@@ -164,11 +165,7 @@ def step_loss(model: MultiTaskModel, loss_parts: dict[str, tuple[torch.Tensor, t
     """
     total = torch.zeros((), device=next(iter(denominators.values())).device)
     for name, (sums, _) in loss_parts.items():
-        step = denominators[name]
-        present = step > 0
-        ratios = sums / torch.where(present, step, torch.ones_like(step))
-        head = (ratios * present).sum() / present.sum().clamp(min=1)
-        total = total + model.specs[name].loss_weight * head
+        total = total + model.specs[name].loss_weight * mean_of_parts(sums, denominators[name])
     return total * world
 
 
