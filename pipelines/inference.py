@@ -8,14 +8,37 @@ pass into per-row errors instead of a lost block.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from mtcls import InferenceEngine, Tokens, join_texts
+from mtcls import InferenceEngine, MultiTaskModel, Tokens, join_texts
+from mtcls.quantize import INT8_FILE, cached_int8
+from pipelines.artifacts import read_model_files
+from pipelines.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def shipped_model_files(model_dir: Path, precision: str) -> dict[str, bytes]:
+    """The files inference actors load: the model's, plus for ``int8`` its quantized encoder.
+
+    The int8 export runs here, in the driver, once per model (cached by the encoder's weights), so
+    a model the route cannot handle fails before any work starts.
+
+    Raises:
+        ConfigError: Naming ``precision`` when the model cannot be quantized.
+    """
+    files = read_model_files(model_dir)
+    if precision == "int8" and INT8_FILE not in files:
+        try:
+            path = cached_int8(MultiTaskModel.from_pretrained(model_dir))
+        except RuntimeError as exc:
+            raise ConfigError(f"key 'precision': int8 cannot run with the model {model_dir}: {exc}") from exc
+        files[INT8_FILE] = path.read_bytes()
+    return files
 
 
 def load_shipped_engine(files_ref: list, **engine_kwargs: Any) -> tuple[InferenceEngine, Any]:

@@ -10,13 +10,14 @@ committed to the repository.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mtcls.default import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,6 @@ def generate_reviews(n: int, seed: int = 0) -> pa.Table:
             "aspect_sentiment": pa.array([r["aspect_sentiment"] for r in rows], struct),
         }
     )
-
-
-def cache_dir() -> Path:
-    """Where the embedded default corpus and model are built (``$MTCLS_CACHE`` or ~/.cache/mtcls)."""
-    return Path(os.environ.get("MTCLS_CACHE") or Path.home() / ".cache" / "mtcls")
 
 
 def default_corpus_dir(rows: int = 2000) -> Path:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtcls import PRECISIONS
 from mtcls.thresholds import DEFAULT_BINS
-from pipelines.config import ConfigError, require_at_least
+from pipelines.config import ConfigError, check_inference_precision, require_at_least
 
 
 @dataclass
@@ -28,7 +27,8 @@ class EvalConfig:
             device's default (2048 on CPU, 65536 on GPU).
         block_rows: Rows per actor call.
         num_actors: Inference actors; 0 plans from the cluster (one per GPU, else CPUs minus one).
-        precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        precision: ``auto`` (bf16/fp16 autocast on GPU; on CPU bf16 where the CPU has native bf16,
+            else fp32), ``fp32``, ``bf16``, ``fp16``, or ``int8`` (CPU actors; needs the ``int8`` extra).
         tune_thresholds: Report the F1-maximising threshold per label of binary/multilabel heads.
         threshold_bins: Resolution of threshold tuning (bins over [0, 1]).
         save_tuned_model: If set, write a copy of the model with the tuned thresholds here.
@@ -67,8 +67,7 @@ class EvalConfig:
             raise ConfigError("key 'output': a report directory is required")
         require_at_least(self, 1, "block_rows", "threshold_bins")
         require_at_least(self, 0, "max_length", "max_tokens_per_batch", "num_actors")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        check_inference_precision(self)
         if self.save_tuned_model and not self.tune_thresholds:
             raise ConfigError("key 'save_tuned_model': needs tune_thresholds=true")
 

@@ -23,6 +23,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         j = report["join"]
         lines.append(f"- Join: {j['matched']} matched, {j['predictions_without_labels']} predictions without labels, "
                      f"{j['labels_without_predictions']} labels without predictions")
+    for d in report.get("devices", []):
+        lines.append(f"- Device: {d['torch']}, precision {d['precision']} ({d.get('precision_reason', '')})")
     lines.append("")
     for name, rep in report["heads"].items():
         lines += head_markdown(name, rep)

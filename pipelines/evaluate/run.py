@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from mtcls import HeadSpec, MultiTaskConfig
-from pipelines.artifacts import export_model, localize_model, model_identity, read_model_files
+from pipelines.artifacts import export_model, localize_model, model_identity
 from pipelines.config import ConfigError, config_to_dict
 from pipelines.demo.corpus import default_corpus_dir
 from pipelines.demo.default_model import default_model_dir
@@ -23,7 +23,7 @@ from pipelines.evaluate.statistics import (
     _HAS_LABELS, _HAS_PRED, _predictions_stats, block_statistics, build_report, merge_block_statistics,
     resolve_label_columns,
 )
-from pipelines.inference import load_shipped_engine, predict_with_retry, texts_from_columns
+from pipelines.inference import load_shipped_engine, predict_with_retry, shipped_model_files, texts_from_columns
 from pipelines.resources import InferencePlan, plan_inference
 from pipelines.runtime import init_ray
 from pipelines.storage import InputError, column_names, inspect_parquet, list_parquet_files, locate, write_json
@@ -41,7 +41,7 @@ class _EvalActor:
         self.engine, self._copy = load_shipped_engine(files_ref, **engine_kwargs)
         # Where this actor runs: the GPUs Ray gave it and the device torch uses (shown in the report).
         self.device = {"ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch": self.engine.device.type,
-                       "precision": self.engine.precision.name}
+                       "precision": self.engine.precision.name, "precision_reason": self.engine.precision.reason}
         self.specs = [HeadSpec.from_dict(s) for s in specs]
         self.label_columns, self.text_columns, self.slice_by, self.bins = label_columns, text_columns, slice_by, bins
 
@@ -156,15 +156,17 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model_dir = localize_model(model_uri)
         specs = MultiTaskConfig.from_pretrained(model_dir).head_specs()
         identity = model_identity(model_dir, model_uri)
+        model_files = shipped_model_files(model_dir, cfg.precision)
 
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     if cfg.predictions:
         totals, details = evaluate_predictions(cfg, specs)
     else:
-        plan = plan_inference(ray.cluster_resources(), num_actors=cfg.num_actors)
+        plan = plan_inference(ray.cluster_resources(), num_actors=cfg.num_actors,
+                              num_gpus_per_actor=0 if cfg.precision == "int8" else -1)
         max_length = cfg.max_length or MultiTaskConfig.from_pretrained(model_dir).max_seq_length
-        totals, details = evaluate_data(cfg, specs, [ray.put(read_model_files(model_dir))], max_length, plan)
+        totals, details = evaluate_data(cfg, specs, [ray.put(model_files)], max_length, plan)
 
     report = build_report(specs, totals, details["label_columns"], cfg.tune_thresholds)
     report["model"] = identity

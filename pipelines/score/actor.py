@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from mtcls import Tokens, decode_arrow
 from pipelines.inference import load_shipped_engine, predict_with_retry
 from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
-from pipelines.score.stages import IDS
+from pipelines.score.stages import IDS, PRECISION
 
 
 def tokens_from_column(column: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> Tokens:
@@ -78,6 +78,7 @@ class InferenceActor:
             files_ref, torch_threads=max(1, torch_threads), precision=precision, max_length=max_length,
             max_tokens_per_batch=max_tokens_per_batch or None)
         self.schema = schema
+        self.precision = f"{self.engine.precision.name}\t{self.engine.precision.reason}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column(ERROR_COLUMN)
@@ -94,4 +95,5 @@ class InferenceActor:
         columns: dict[str, pa.Array] = {}
         for name, spec in self.engine.specs.items():
             columns.update(decode_arrow(spec, probs[name][good]))
+        batch = batch.append_column(PRECISION, pa.repeat(pa.scalar(self.precision, pa.string()), batch.num_rows))
         return assemble(self.schema, batch, scored, columns, errors)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtcls import PRECISIONS
-from pipelines.config import ConfigError, require_at_least
-
+from pipelines.config import ConfigError, check_inference_precision, require_at_least
 
 
 @dataclass
@@ -28,7 +26,8 @@ class ScoreConfig:
         num_gpus_per_actor: GPUs per actor; -1 uses 1 when the cluster has GPUs, else 0.
         num_cpus_per_actor: CPUs Ray reserves per actor.
         torch_threads: CPU threads per actor for inference; 0 = all CPUs of the node (see README).
-        precision: ``auto`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        precision: ``auto`` (bf16/fp16 autocast on GPU; on CPU bf16 where the CPU has native bf16,
+            else fp32), ``fp32``, ``bf16``, ``fp16``, or ``int8`` (CPU actors; needs the ``int8`` extra).
         rows_per_file: Rows per work unit: consecutive row groups of one input file, about this
             many rows, become one output file (a few when a kill interrupted it).
         lock_timeout_s: A job holding the output that has not renewed its lease for this long is
@@ -70,8 +69,7 @@ class ScoreConfig:
         require_at_least(self, 0, "max_length", "max_tokens_per_batch", "num_actors", "torch_threads")
         if self.num_cpus_per_actor <= 0:
             raise ConfigError(f"key 'num_cpus_per_actor': must be > 0, got {self.num_cpus_per_actor}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        check_inference_precision(self)
         dup = [c for c in self.passthrough_columns if c == self.id_column or c in self.text_columns]
         if dup:
             raise ConfigError(f"key 'passthrough_columns': {dup} already in id_column or text_columns")

@@ -21,7 +21,8 @@ from typing import Any
 import pyarrow as pa
 
 from mtcls import MultiTaskConfig, text_separator
-from pipelines.artifacts import localize_model, model_identity, read_model_files
+from pipelines.artifacts import localize_model, model_identity
+from pipelines.inference import shipped_model_files
 from pipelines.demo.corpus import default_corpus_dir
 from pipelines.demo.default_model import default_model_dir
 from pipelines.resources import ScoringPlan, plan_scoring
@@ -32,7 +33,7 @@ from pipelines.score.lock import OutputLock
 from pipelines.score.output import OutputDir, Verification
 from pipelines.score.records import checksum_file
 from pipelines.score.schema import output_schema
-from pipelines.score.stages import ROW, UNIT, read_and_tokenize, write_units
+from pipelines.score.stages import PRECISION, ROW, UNIT, read_and_tokenize, write_units
 from pipelines.score.units import InputFile, plan_units
 from pipelines.storage import inspect_parquet, list_parquet_files, locate, write_json
 
@@ -70,6 +71,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     schema = output_schema(model_config.head_specs(), pa.schema([in_schema.field(c) for c in passthrough]),
                            identity, cfg.text_columns)
     units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
+    model_files = shipped_model_files(model_dir, cfg.precision)
 
     out = OutputDir(out_loc)
     out.check_owner(cfg.overwrite)
@@ -87,13 +89,14 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         timings = {"setup_s": time.time() - started}
         score_started = time.time()
         plan = plan_scoring(cfg, ray.cluster_resources())
-        scored = _score_units(cfg, plan, units, pending, inputs, in_loc, out, schema, model_dir, model_config) if pending else 0
+        scored, used = _score_units(cfg, plan, units, pending, inputs, in_loc, out, schema, model_dir, model_files, model_config) if pending else (0, {})
         timings["scoring_s"] = time.time() - score_started
         verification = out.verify(inputs, _checksum_fanout(cfg.id_column))
         timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
         timings["total_s"] = time.time() - started
         manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale)
         manifest["resources"] = vars(plan)
+        manifest["precision"] = {"requested": cfg.precision, "used_this_run": used}
         write_json(out_loc.join("_manifest.json"), manifest)
         if verification.problems or manifest["rows_out"] != manifest["rows_in"]:
             raise RuntimeError(
@@ -107,8 +110,12 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
 
 
 def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list, inputs: dict[str, InputFile], in_loc: Any, out: OutputDir,
-                 schema: pa.Schema, model_dir: Any, model_config: MultiTaskConfig) -> int:
-    """The streaming execution: returns the rows committed by this run."""
+                 schema: pa.Schema, model_dir: Any, model_files: dict[str, bytes], model_config: MultiTaskConfig) -> tuple[int, dict[str, str]]:
+    """The streaming execution.
+
+    Returns:
+        The rows committed by this run and ``{precision: why}`` as the actors reported them.
+    """
     import ray
     import ray.data
     from transformers import AutoTokenizer
@@ -126,7 +133,7 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     file_index = {p: i for i, p in enumerate(files)}
     unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in units]
     index = {u.key: i for i, u in enumerate(units)}
-    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64())]
+    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, pa.string())]
     carried = pa.schema(list(schema) + internal, metadata=schema.metadata)
     max_length = cfg.max_length or model_config.max_seq_length
 
@@ -139,7 +146,7 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     )
     ds = ds.map_batches(
         InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(files_ref=[ray.put(read_model_files(model_dir))], schema=carried, max_length=max_length,
+        fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], schema=carried, max_length=max_length,
                                    max_tokens_per_batch=cfg.max_tokens_per_batch, torch_threads=plan.torch_threads,
                                    precision=cfg.precision),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors, max_tasks_in_flight_per_actor=2),
@@ -151,15 +158,18 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
                        input_uris=[inputs[p].uri for p in files], fingerprints=[inputs[p].fingerprint for p in files]),
     )
     total = sum(u.pending_rows for u in pending)
-    done, started, last = 0, time.time(), time.time()
+    done, started, last, used = 0, time.time(), time.time(), {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         done += int(sum(batch.column("rows").to_pylist()))
+        for entry in set("\n".join(batch.column("precision").to_pylist()).splitlines()):
+            name, why = entry.split("\t", 1)
+            used[name] = why
         if time.time() - last >= PROGRESS_EVERY_S:
             last = time.time()
             rate = done / max(last - started, 1e-9)
             log.info("committed %d of %d rows (%.0f%%), %.0f rows/s, about %.0f s left", done, total,
                      100 * done / max(total, 1), rate, (total - done) / max(rate, 1e-9))
-    return done
+    return done, used
 
 
 def _checksum_fanout(column: str) -> Any:

@@ -6,6 +6,7 @@ writer drops:
     __unit      int32        index of the work unit (see :mod:`pipelines.score.units`)
     __row       int64        row number in the input file
     __ids       list<int32>  token ids (null when the row has no text)
+    __precision string       set by the actor: "<precision>\t<why>" (recorded with each file)
     error       string       why the row has no text (null otherwise)
     truncated   bool         the text was cut at ``max_length``
 """
@@ -27,7 +28,7 @@ from pipelines.inference import texts_from_columns
 from pipelines.score.records import COMMIT_KEY, ids_checksum, output_name, row_ranges
 from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
 
-UNIT, ROW, IDS = "__unit", "__row", "__ids"
+UNIT, ROW, IDS, PRECISION = "__unit", "__row", "__ids", "__precision"
 
 
 class _TokenizerCache:
@@ -109,7 +110,8 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
     of the ids written.
 
     Returns:
-        One row per file written: name, rows, errors, truncated rows.
+        One row per file written: name, rows, errors, truncated rows, and the precision(s) used
+        (``"<precision>\t<why>"``, several joined by newlines).
     """
     unit_col = batch.column(UNIT).to_numpy()
     records = []
@@ -129,6 +131,7 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
             "checksum": str(ids_checksum(part.column(schema.names[0]))),
             "errors": int(part.num_rows - part.column(ERROR_COLUMN).null_count),
             "truncated": int(pc.sum(part.column(TRUNCATED_COLUMN)).as_py() or 0),
+            "precision": "\n".join(sorted(pc.unique(part.column(PRECISION)).to_pylist())),
         }
         table = pa.Table.from_arrays([part.column(f.name).cast(f.type) for f in schema], schema=schema)
         table = table.replace_schema_metadata({**(schema.metadata or {}), COMMIT_KEY: json.dumps(commit).encode()})
@@ -136,6 +139,6 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
         with out_fs.open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
         out_fs.mv(tmp, posixpath.join(out_root, name))
-        records.append({"file": name, "rows": commit["rows"], "errors": commit["errors"], "truncated": commit["truncated"]})
-    return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("rows", pa.int64()),
-                                                           ("errors", pa.int64()), ("truncated", pa.int64())]))
+        records.append({"file": name, **{k: commit[k] for k in ("rows", "errors", "truncated", "precision")}})
+    return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
+                                                           ("truncated", pa.int64()), ("precision", pa.string())]))

@@ -34,7 +34,8 @@ class TrainConfig:
             warm-up then linear decay; no weight decay on biases and LayerNorm weights).
         gradient_accumulation: Micro-batches per optimizer step.
         max_grad_norm: Gradient clipping (0 = off).
-        precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), or explicit.
+        precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), ``fp32``, ``bf16``
+            (autocast on CPU too) or ``fp16``.
         freeze_encoder: Train the heads only (card 004).
         early_stopping_patience: Stop after this many epochs without improvement (0 = off).
         best_metric: ``mean_macro_f1`` (card 002), ``<head>_macro_f1``, or for a multilabel head
@@ -112,8 +113,10 @@ class TrainConfig:
             raise ConfigError(f"key 'warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             raise ConfigError(f"key 'learning_rate': must be > 0, got {self.learning_rate}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"key 'precision': expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        train_precisions = [p for p in PRECISIONS if p != "int8"]
+        if self.precision not in train_precisions:
+            why = " (int8 is an inference precision)" if self.precision == "int8" else ""
+            raise ConfigError(f"key 'precision': expected one of {train_precisions}{why}, got {self.precision!r}")
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"key 'pooling': expected 'mean' or 'cls', got {self.pooling!r}")
         if self.threshold_bins < 2:

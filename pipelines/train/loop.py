@@ -46,8 +46,18 @@ def _schedule(step: int, warmup: int, total: int) -> float:
 
 
 def _autocast(precision: str, device: torch.device) -> tuple[Any, bool]:
-    if device.type != "cuda" or precision == "fp32":
+    """Training's precision rule: ``(autocast dtype or None, use a loss scaler)``.
+
+    On a GPU, ``auto`` is bf16 where supported, else fp16 with loss scaling. On a CPU, ``auto`` stays
+    fp32 (bf16 training is measured in benchmarks/RESULTS.md) and ``bf16`` autocasts; fp16 has no
+    fast CPU path and trains fp32.
+    """
+    if precision == "fp32":
         return None, False
+    if device.type != "cuda":
+        if precision == "fp16":
+            log.warning("precision fp16 has no CPU training path: training in fp32")
+        return (torch.bfloat16, False) if precision == "bf16" else (None, False)
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, False
     return torch.float16, True

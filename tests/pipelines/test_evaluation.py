@@ -133,7 +133,7 @@ def test_data_path_equals_direct_predictions_and_saves_tuned_thresholds(tmp_path
     texts = [f"review number {i} " + "word " * (i % 17) for i in range(90)]
     texts[4] = "   "  # not scorable: counted, not crashed on
     write_labels(tmp_path / "data.parquet", ids, labels, {"text": texts})
-    report = run_eval(tmp_path, f"data={tmp_path / 'data.parquet'}", f"model={tiny_model_dir}", "block_rows=16",
+    report = run_eval(tmp_path, f"data={tmp_path / 'data.parquet'}", f"model={tiny_model_dir}", "block_rows=16", "precision=fp32",
                       f"save_tuned_model={tmp_path / 'tuned'}")
     assert report["rows_unscored"] == 1
     model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)

@@ -55,7 +55,7 @@ def test_notebook_scoring_and_evaluation_use_the_same_probabilities(tmp_path, ti
         expected = mtcls.head_report(spec, mtcls.head_statistics(spec, labels, notebook[head]))
         assert report["heads"][head] == expected, head
     # The evaluation actors asked Ray for the cluster's GPU (torch falls back to the CPU here).
-    assert report["devices"] == [{"ray_gpu_ids": ["0"], "torch": "cpu", "precision": "fp32"}]
+    assert report["devices"] == [{"ray_gpu_ids": ["0"], "torch": "cpu", "precision": "fp32", "precision_reason": "set in the config"}]
 
 
 def test_the_engine_puts_the_model_on_the_gpu_when_torch_has_one(monkeypatch, tokenizer):

@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 import mtcls
@@ -44,9 +46,13 @@ def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_lo
     (tmp_path / "in").mkdir()
     texts = write_corpus(tmp_path / "in" / "a.parquet", 40)
     texts.update(write_corpus(tmp_path / "in" / "b.parquet", 30, start=40))
-    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"], max_length=32)
+    cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"], max_length=32,
+                           precision="fp32")
     out = read_output(cfg.output)
     assert sorted(out.index) == sorted(texts) and manifest["rows_out"] == manifest["rows_in"] == 70
+    assert manifest["precision"] == {"requested": "fp32", "used_this_run": {"fp32": "set in the config"}}
+    commits = [json.loads(pq.read_schema(p).metadata[b"mtcls_commit"]) for p in Path(cfg.output).glob("*.parquet")]
+    assert {c["precision"] for c in commits} == {"fp32\tset in the config"}
     model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = sorted(texts)
@@ -84,6 +90,9 @@ def test_bad_rows_are_kept_with_an_error(tmp_path, tiny_model_dir, ray_local):
     assert out.loc[["empty", "space", "title-only"], "error"].notna().all()
     assert out.loc[["ok", "nul"], "error"].isna().all()
     assert out.loc["null", ["type_label", "type_score", "truncated"]].isna().all()
+    # precision=auto: the actors resolve it on this machine's CPU and the manifest records what they used.
+    auto = mtcls.resolve_precision("auto", torch.device("cpu"))
+    assert manifest["precision"] == {"requested": "auto", "used_this_run": {auto.name: auto.reason}}
     # Two text columns: a row with only a title is scored.
     cfg2, _ = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"), text_columns=["title", "text"], output=str(tmp_path / "out2"))
     assert pd.isna(read_output(cfg2.output).loc["title-only", "error"])
