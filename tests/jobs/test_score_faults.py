@@ -1,4 +1,4 @@
-"""Real faults during scoring: SIGKILL of the driver and of an inference actor, then exactly once."""
+"""Real faults during scoring: SIGKILL of the driver, an inference actor and a write task, then exactly once."""
 
 import json
 import os
@@ -49,12 +49,12 @@ def kill_marked(marker: str) -> None:
             continue
 
 
-def actor_pids(name: str) -> list[int]:
-    """Processes whose title names the actor class (Ray titles actor workers ``ray::<class>``)."""
+def worker_pids(title: str) -> list[int]:
+    """Ray worker processes whose title holds ``title`` (Ray titles a busy worker ``ray::<what it runs>``)."""
     pids = []
     for pid in os.listdir("/proc"):
         try:
-            if pid.isdigit() and f"ray::MapWorker(MapBatches({name}))".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if pid.isdigit() and title.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids.append(int(pid))
         except OSError:
             continue
@@ -97,7 +97,7 @@ def test_driver_killed_mid_run_then_rerun_scores_each_row_once(tmp_path, tiny_mo
     assert (out / "_SUCCESS").exists()
 
 
-def test_inference_actor_killed_mid_run_loses_no_row(tmp_path, tiny_model_dir, ray_local):
+def test_inference_actor_and_write_task_killed_mid_run_lose_no_row(tmp_path, tiny_model_dir, ray_local):
     import ray
 
     from pipelines.score import ScoreConfig, run_score
@@ -109,16 +109,20 @@ def test_inference_actor_killed_mid_run_loses_no_row(tmp_path, tiny_model_dir, r
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(manifest=run_score(cfg)))
     runner.start()
-    killed = []
+    killed: dict[str, list[int]] = {"actor": [], "writer": []}
+    titles = {"actor": "ray::MapWorker(MapBatches(InferenceActor))", "writer": "ray::MapBatches(write_units)"}
     deadline = time.time() + 240
-    while runner.is_alive() and time.time() < deadline and not killed:
+    while runner.is_alive() and time.time() < deadline and not all(killed.values()):
         if visible_rows(out) > 0:
-            for pid in actor_pids("InferenceActor"):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        time.sleep(0.2)
+            # The actor between blocks, and a write task while it runs (busy workers carry its title).
+            for what in [w for w, pids in killed.items() if not pids]:
+                for pid in worker_pids(titles[what]):
+                    os.kill(pid, signal.SIGKILL)
+                    killed[what].append(pid)
+        time.sleep(0.01)
     runner.join(timeout=600)
-    assert killed, "no inference actor was found alive to kill"
+    assert killed["actor"], "no inference actor was found alive to kill"
+    assert killed["writer"], "no write task was caught running to kill"
     manifest = result["manifest"]
     table = pd.read_parquet(out, columns=["id", "error"])
     assert len(table) == len(ids) and set(table["id"]) == ids and table["id"].is_unique
