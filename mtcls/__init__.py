@@ -9,6 +9,7 @@ from mtcls.configuration import MultiTaskConfig
 from mtcls.decoding import decode, decode_arrow, output_columns, predict_indices
 from mtcls.default import default_encoder_path
 from mtcls.encoding import LabelError, decode_labels, encode_labels, join_texts, text_separator
+from mtcls.identity import encoder_identity, encoder_weights_sha256
 from mtcls.heads import BALANCED, HeadSpec, HeadSpecError, validate_heads
 from mtcls.inference import InferenceEngine, Tokens, predict_probabilities, predict_texts, tokenize, tokenize_flat
 from mtcls.kinds import HeadKind, get_kind, kind_names, register_kind
@@ -45,6 +46,8 @@ __all__ = [
     "tokenize_flat",
     "default_encoder_path",
     "encode_labels",
+    "encoder_identity",
+    "encoder_weights_sha256",
     "head_loss",
     "head_report",
     "head_statistics",

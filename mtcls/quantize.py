@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mtcls.default import cache_dir as mtcls_cache
+from mtcls.identity import encoder_weights_sha256
 from mtcls.modeling import MultiTaskModel
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,8 @@ def int8_unavailable() -> Optional[str]:
 
 
 def encoder_fingerprint(model: MultiTaskModel) -> str:
-    """sha256 of the encoder's weights, its pooling and the int8 route version."""
-    digest = hashlib.sha256(json.dumps([ROUTE_VERSION, model.config.pooling]).encode())
-    for name, tensor in sorted(model.encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """The export's cache key: the encoder's weights hash, its pooling and the route version."""
+    return hashlib.sha256(json.dumps([ROUTE_VERSION, model.config.pooling, encoder_weights_sha256(model)]).encode()).hexdigest()
 
 
 class _PooledEncoder(nn.Module):
