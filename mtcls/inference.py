@@ -30,6 +30,9 @@ from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 #: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent); large batches.
 DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
 MAX_BATCH_ROWS = 1024
+#: Key under which :meth:`InferenceEngine.predict_tokens` returns the pooled encoder features when
+#: asked (``with_pooled=True``). Head names start with a letter, so it never clashes with a head.
+POOLED = "__pooled"
 
 
 @dataclass
@@ -214,20 +217,33 @@ class InferenceEngine:
         """Texts -> :class:`Tokens` under the engine's ``max_length``."""
         return tokenize_flat(self.tokenizer, texts, self.max_length)
 
+    def output_shapes(self, with_pooled: bool = False) -> dict[str, tuple[int, ...]]:
+        """Per-row shape of each array :meth:`predict_tokens` returns (``POOLED``: (hidden size,))."""
+        shapes = {name: tuple(spec.impl.logit_shape(spec)) for name, spec in self.specs.items()}
+        if with_pooled:
+            shapes[POOLED] = (self.model.config.hidden_size,)
+        return shapes
+
     @torch.inference_mode()
-    def predict_tokens(self, tokens: Union[Tokens, Sequence[Sequence[int]]]) -> dict[str, np.ndarray]:
+    def predict_tokens(self, tokens: Union[Tokens, Sequence[Sequence[int]]], with_pooled: bool = False) -> dict[str, np.ndarray]:
         """Runs every head on pre-tokenized rows; results come back in input order.
 
         On a GPU, host tensors are pinned and copied without blocking, and a batch's results are
         fetched only after the next batch was launched, so host work overlaps GPU compute.
 
+        Args:
+            tokens: The rows' token ids.
+            with_pooled: Also return the pooled encoder features the heads saw (the int8 encoder's
+                under ``int8``), under the key :data:`POOLED`.
+
         Returns:
-            ``{head: probabilities}`` float32 arrays: (N, 1) binary, (N, G, K) grouped, (N, K) otherwise.
+            ``{head: probabilities}`` float32 arrays: (N, 1) binary, (N, G, K) grouped, (N, K) otherwise;
+            with ``with_pooled``, also ``{POOLED: (N, hidden size) float32}``.
         """
         if not isinstance(tokens, Tokens):
             tokens = Tokens.from_rows(tokens)
         n = len(tokens)
-        out = {name: np.empty((n, *spec.impl.logit_shape(spec)), np.float32) for name, spec in self.specs.items()}
+        out = {name: np.empty((n, *shape), np.float32) for name, shape in self.output_shapes(with_pooled).items()}
         if n == 0:
             return out
         cuda = self.device.type == "cuda"
@@ -245,6 +261,8 @@ class InferenceEngine:
                     result = self.model(input_ids=ids.to(self.device, non_blocking=cuda),
                                         attention_mask=mask.to(self.device, non_blocking=cuda))
             probs = {name: head_probabilities(self.specs[name], logits.float()) for name, logits in result.logits.items()}
+            if with_pooled:
+                probs[POOLED] = result.pooled.float()
             if pending is not None:
                 self._collect(out, *pending)
             pending = (idx, probs)

@@ -72,23 +72,29 @@ def texts_from_columns(batch: pa.Table, text_columns: Sequence[str], separator: 
     return [joined[i] for i in rows], rows, errors
 
 
-def predict_with_retry(engine: InferenceEngine, tokens: Tokens) -> tuple[dict[str, np.ndarray], list[Optional[str]]]:
+def predict_with_retry(engine: InferenceEngine, tokens: Tokens,
+                       with_pooled: bool = False) -> tuple[dict[str, np.ndarray], list[Optional[str]]]:
     """Probabilities for every row; if the block fails, retries row by row so only bad rows fail.
 
+    Args:
+        engine: The engine.
+        tokens: The block's rows.
+        with_pooled: Also return the pooled features, under :data:`mtcls.inference.POOLED`.
+
     Returns:
-        ``({head: probabilities}, failures)``: probabilities of failed rows are NaN, and
-        ``failures[i]`` is an error message for a failed row, None otherwise.
+        ``({head: probabilities}, failures)``: probabilities (and pooled features) of failed rows
+        are NaN, and ``failures[i]`` is an error message for a failed row, None otherwise.
     """
     try:
-        return engine.predict_tokens(tokens), [None] * len(tokens)
+        return engine.predict_tokens(tokens, with_pooled=with_pooled), [None] * len(tokens)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a per-row error, never a lost row
         log.warning("block of %d rows failed (%s); retrying row by row", len(tokens), exc)
-    out = {name: np.full((len(tokens), *spec.impl.logit_shape(spec)), np.nan, np.float32)
-           for name, spec in engine.specs.items()}
+    out = {name: np.full((len(tokens), *shape), np.nan, np.float32)
+           for name, shape in engine.output_shapes(with_pooled).items()}
     failures: list[Optional[str]] = []
     for i, row in enumerate(tokens.rows()):
         try:
-            one = engine.predict_tokens([row])
+            one = engine.predict_tokens([row], with_pooled=with_pooled)
         except Exception as exc:  # noqa: BLE001
             failures.append(f"inference failed: {type(exc).__name__}: {exc}"[:500])
             continue

@@ -4,6 +4,8 @@ Joining and tokenizing happened in the CPU stage before it (:mod:`pipelines.scor
 actor batches rows by a token budget, runs the forward pass (on its GPU when it has one) and
 decodes probabilities into Arrow columns without per-row Python. Rows that cannot be scored keep
 their error; a failed forward pass is retried row by row so only the failing rows get an error.
+With embeddings, the pooled features the heads saw become a ``fixed_size_list`` column (null
+where the row has an error).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtcls import Tokens, decode_arrow
+from mtcls.inference import POOLED
 from pipelines.inference import load_shipped_engine, predict_with_retry
-from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
+from pipelines.score.schema import EMBEDDING_COLUMN, ERROR_COLUMN, TRUNCATED_COLUMN
 from pipelines.score.stages import IDS, PRECISION
 
 
@@ -28,6 +31,12 @@ def tokens_from_column(column: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> 
     np.cumsum(lengths, out=offsets[1:])
     ids = pc.list_flatten(picked).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     return Tokens(ids, offsets, np.zeros(len(rows), dtype=bool))
+
+
+def embedding_array(pooled: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    """(N, H) pooled features -> ``fixed_size_list<dtype, H>`` from one flat buffer (no per-row Python)."""
+    values = np.ascontiguousarray(pooled, dtype=np.dtype(dtype))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def assemble(schema: pa.Schema, batch: pa.Table, scored: np.ndarray, columns: dict[str, pa.Array],
@@ -70,20 +79,24 @@ class InferenceActor:
         max_tokens_per_batch: Token budget per forward pass (0: the device's default).
         torch_threads: Intra-op threads for CPU inference.
         precision: See :mod:`mtcls.precision`.
+        embedding_dtype: ``float32`` or ``float16``: also write the pooled features as the
+            ``embedding`` column; None: no embeddings.
     """
 
     def __init__(self, files_ref: list, schema: pa.Schema, max_length: int, max_tokens_per_batch: int,
-                 torch_threads: int, precision: str = "auto") -> None:
+                 torch_threads: int, precision: str = "auto", embedding_dtype: str | None = None) -> None:
         self.engine, self._copy = load_shipped_engine(
             files_ref, torch_threads=max(1, torch_threads), precision=precision, max_length=max_length,
             max_tokens_per_batch=max_tokens_per_batch or None)
         self.schema = schema
+        self.embedding_dtype = embedding_dtype
         self.precision = f"{self.engine.precision.name}\t{self.engine.precision.reason}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column(ERROR_COLUMN)
         rows = np.flatnonzero(errors.is_null().to_numpy(zero_copy_only=False))
-        probs, failures = predict_with_retry(self.engine, tokens_from_column(batch.column(IDS), rows))
+        probs, failures = predict_with_retry(self.engine, tokens_from_column(batch.column(IDS), rows),
+                                             with_pooled=self.embedding_dtype is not None)
         good = np.fromiter((f is None for f in failures), dtype=bool, count=len(failures))
         if not good.all():  # rows whose forward pass failed carry its message
             messages = errors.to_pylist()
@@ -95,5 +108,7 @@ class InferenceActor:
         columns: dict[str, pa.Array] = {}
         for name, spec in self.engine.specs.items():
             columns.update(decode_arrow(spec, probs[name][good]))
+        if self.embedding_dtype is not None:
+            columns[EMBEDDING_COLUMN] = embedding_array(probs[POOLED][good], self.embedding_dtype)
         batch = batch.append_column(PRECISION, pa.repeat(pa.scalar(self.precision, pa.string()), batch.num_rows))
         return assemble(self.schema, batch, scored, columns, errors)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from pipelines.config import ConfigError, check_inference_precision, require_at_least
 
+#: Allowed ``embedding_dtype`` values.
+EMBEDDING_DTYPES = ("float32", "float16")
+
 
 @dataclass
 class ScoreConfig:
@@ -18,6 +21,11 @@ class ScoreConfig:
         text_columns: Columns joined (with the tokenizer's separator) into the text to classify.
         id_column: Row identifier, copied first into the output.
         passthrough_columns: Further input columns copied into the output.
+        embeddings: Add an ``embedding`` column: the pooled encoder output the heads see, one
+            fixed-size vector (the encoder's hidden size) per row, null for rows with an ``error``.
+            The encoder's identity (weights hash, pooling, max length) goes into the metadata.
+        embedding_dtype: Element type of the ``embedding`` column: ``float32`` or ``float16``
+            (half the bytes).
         max_length: Token limit per row; 0 uses the model's ``max_seq_length``.
         max_tokens_per_batch: Token budget per forward pass (rows x longest row, after
             length-sorting each block); 0 picks the device's default (2048 on CPU, 65536 on GPU).
@@ -43,6 +51,8 @@ class ScoreConfig:
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     id_column: str = "id"
     passthrough_columns: list[str] = field(default_factory=list)
+    embeddings: bool = False
+    embedding_dtype: str = "float32"
     max_length: int = 0
     max_tokens_per_batch: int = 0
     block_rows: int = 4096
@@ -70,6 +80,8 @@ class ScoreConfig:
         if self.num_cpus_per_actor <= 0:
             raise ConfigError(f"key 'num_cpus_per_actor': must be > 0, got {self.num_cpus_per_actor}")
         check_inference_precision(self)
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ConfigError(f"key 'embedding_dtype': expected one of {list(EMBEDDING_DTYPES)}, got {self.embedding_dtype!r}")
         dup = [c for c in self.passthrough_columns if c == self.id_column or c in self.text_columns]
         if dup:
             raise ConfigError(f"key 'passthrough_columns': {dup} already in id_column or text_columns")

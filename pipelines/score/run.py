@@ -16,11 +16,11 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
-from mtcls import MultiTaskConfig, text_separator
+from mtcls import MultiTaskConfig, MultiTaskModel, encoder_identity, text_separator
 from pipelines.artifacts import localize_model, model_identity
 from pipelines.inference import shipped_model_files
 from pipelines.demo.corpus import default_corpus_dir
@@ -32,7 +32,7 @@ from pipelines.score.config import ScoreConfig
 from pipelines.score.lock import OutputLock
 from pipelines.score.output import OutputDir, Verification
 from pipelines.score.records import checksum_file
-from pipelines.score.schema import output_schema
+from pipelines.score.schema import embedding_type, output_schema
 from pipelines.score.stages import PRECISION, ROW, UNIT, read_and_tokenize, write_units
 from pipelines.score.units import InputFile, plan_units
 from pipelines.storage import inspect_parquet, list_parquet_files, locate, write_json
@@ -68,8 +68,11 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     in_schema, _ = inspect_parquet(in_loc, files, needed)
     model_config = MultiTaskConfig.from_pretrained(model_dir)
     identity = model_identity(model_dir, model_uri)
+    encoder = _encoder_identity(cfg, model_dir, model_config) if cfg.embeddings else None
     schema = output_schema(model_config.head_specs(), pa.schema([in_schema.field(c) for c in passthrough]),
-                           identity, cfg.text_columns)
+                           identity, cfg.text_columns,
+                           embedding=embedding_type(model_config.hidden_size, cfg.embedding_dtype) if cfg.embeddings else None,
+                           encoder_identity=encoder)
     units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
     model_files = shipped_model_files(model_dir, cfg.precision)
 
@@ -94,7 +97,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         verification = out.verify(inputs, _checksum_fanout(cfg.id_column))
         timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
         timings["total_s"] = time.time() - started
-        manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale)
+        manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale, encoder)
         manifest["resources"] = vars(plan)
         manifest["precision"] = {"requested": cfg.precision, "used_this_run": used}
         write_json(out_loc.join("_manifest.json"), manifest)
@@ -148,7 +151,7 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
         InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
         fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], schema=carried, max_length=max_length,
                                    max_tokens_per_batch=cfg.max_tokens_per_batch, torch_threads=plan.torch_threads,
-                                   precision=cfg.precision),
+                                   precision=cfg.precision, embedding_dtype=cfg.embedding_dtype if cfg.embeddings else None),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
@@ -172,6 +175,12 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     return done, used
 
 
+def _encoder_identity(cfg: ScoreConfig, model_dir: Any, model_config: MultiTaskConfig) -> dict[str, Any]:
+    """:func:`mtcls.encoder_identity` of the model (loaded once, in the driver), with the token limit this job uses."""
+    return {**encoder_identity(MultiTaskModel.from_pretrained(model_dir)),
+            "max_length": cfg.max_length or model_config.max_seq_length}
+
+
 def _checksum_fanout(column: str) -> Any:
     """Reads the ids of Parquet files back from storage in Ray tasks, a few files per task."""
 
@@ -192,13 +201,15 @@ def _checksum_fanout(column: str) -> Any:
 
 
 def _manifest(cfg: ScoreConfig, identity: dict, schema: pa.Schema, inputs: dict[str, InputFile],
-              verification: Verification, scored: int, timings: dict[str, float], stale: list[str]) -> dict[str, Any]:
+              verification: Verification, scored: int, timings: dict[str, float], stale: list[str],
+              encoder: Optional[dict] = None) -> dict[str, Any]:
     rows_in = sum(f.rows for f in inputs.values())
     return {
         "status": "complete" if not verification.problems and verification.rows_out == rows_in else "incomplete",
         "input": cfg.input,
         "output": cfg.output,
         "model": identity,
+        **({"encoder": encoder} if encoder is not None else {}),
         "config": dataclasses.asdict(cfg),
         "schema": {f.name: str(f.type) for f in schema},
         "rows_in": rows_in,

@@ -1,13 +1,14 @@
-"""The output table's Arrow schema: pass-through columns, every head's columns, then status columns.
+"""The output table's Arrow schema: pass-through columns, every head's columns, the optional
+``embedding`` column, then status columns.
 
-Label names, head layout and the model identity travel in the schema metadata (key ``mtcls``), so a
-reader can decode ``_probs`` columns without the model.
+Label names, head layout and the model identity (with embeddings, also the encoder's) travel in the
+schema metadata (key ``mtcls``), so a reader can decode ``_probs`` columns without the model.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
@@ -15,6 +16,7 @@ from mtcls import HeadSpec, output_columns
 
 TRUNCATED_COLUMN = "truncated"
 ERROR_COLUMN = "error"
+EMBEDDING_COLUMN = "embedding"
 METADATA_KEY = b"mtcls"
 
 
@@ -23,8 +25,14 @@ def head_fields(spec: HeadSpec) -> list[pa.Field]:
     return [pa.field(name, arrow_type) for name, arrow_type in output_columns(spec)]
 
 
+def embedding_type(hidden_size: int, dtype: str) -> pa.DataType:
+    """The ``embedding`` column's type: ``fixed_size_list<float32 or float16, hidden_size>``."""
+    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), hidden_size)
+
+
 def output_schema(
-    specs: list[HeadSpec], passthrough: pa.Schema, model_identity: dict[str, Any], text_columns: list[str]
+    specs: list[HeadSpec], passthrough: pa.Schema, model_identity: dict[str, Any], text_columns: list[str],
+    embedding: Optional[pa.DataType] = None, encoder_identity: Optional[dict[str, Any]] = None,
 ) -> pa.Schema:
     """The full output schema, with self-describing metadata.
 
@@ -33,6 +41,8 @@ def output_schema(
         passthrough: Schema of the columns copied from the input (id first).
         model_identity: Where the model came from and its weights' hash.
         text_columns: The input columns that were classified.
+        embedding: Type of the ``embedding`` column (:func:`embedding_type`); None: no such column.
+        encoder_identity: With ``embedding``: what identifies the features (recorded as ``encoder``).
     """
     fields = list(passthrough)
     taken = set(passthrough.names)
@@ -44,9 +54,11 @@ def output_schema(
                     "drop it from passthrough_columns"
                 )
             fields.append(f)
-    for name in (TRUNCATED_COLUMN, ERROR_COLUMN):
+    for name in (TRUNCATED_COLUMN, ERROR_COLUMN, *([EMBEDDING_COLUMN] if embedding is not None else [])):
         if name in taken:
-            raise ValueError(f"pass-through column {name!r} clashes with the status column of that name")
+            raise ValueError(f"pass-through column {name!r} clashes with the output column of that name")
+    if embedding is not None:
+        fields.append(pa.field(EMBEDDING_COLUMN, embedding))
     fields += [pa.field(TRUNCATED_COLUMN, pa.bool_()), pa.field(ERROR_COLUMN, pa.string())]
     meta = {
         "model": model_identity,
@@ -63,6 +75,10 @@ def output_schema(
             for s in specs
         ],
     }
+    if embedding is not None:
+        meta["encoder"] = encoder_identity
+        meta["embedding"] = {"column": EMBEDDING_COLUMN, "dtype": "float16" if pa.types.is_float16(embedding.value_type) else "float32",
+                             "size": embedding.list_size}
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta).encode()})
 
 
