@@ -6,7 +6,9 @@
 ``quality``: scores the OLID and GoEmotions test sets with models trained by the shipped configs
 (``jobs/configs/train/{olid,goemotions}.yaml``) at every precision, through the same
 :class:`mtcls.InferenceEngine` the jobs use. Per head: test macro-F1 and the share of rows whose
-decision (label, or label set for multilabel heads) equals fp32's.
+decision (label, or label set for multilabel heads) equals fp32's, and the share of single
+decisions (per row and label for multilabel heads) that do. Macro-F1 counts the rows labelled for
+the head (OLID's subtask_b and subtask_c label only offensive tweets); agreement counts every row.
 
 ``speed``: in one run, for all-MiniLM-L6-v2 + 3 heads on GoEmotions texts, the bare forward pass
 (pre-tokenized, token-budget batches) and the scoring job's steady-state rows/s (the rate between
@@ -48,7 +50,7 @@ def quality(model_dir: Path, data: Path, text_columns: list[str], threads: int) 
     """Per precision and head: macro-F1 on the labelled rows and decision agreement with fp32."""
     torch.set_num_threads(threads)
     table = pq.read_table(data)
-    texts, _ = mtcls.join_texts({c: table.column(c).to_pylist() for c in text_columns}, " ")
+    texts, _ = mtcls.join_texts({c: table.column(c).to_pylist() for c in text_columns}, " ")  # one column each: no separator
     keep = [i for i, t in enumerate(texts) if t is not None]
     out: dict = {"rows": len(keep), "model": str(model_dir), "data": str(data), "precisions": {}}
     reference: dict[str, np.ndarray] = {}
@@ -63,7 +65,10 @@ def quality(model_dir: Path, data: Path, text_columns: list[str], threads: int) 
             dec = decisions(spec, probs[name])
             reference.setdefault(name, dec)
             heads[name] = {"macro_f1": report["macro_f1"],
-                           "agreement_with_fp32": float(np.mean(np.all(dec == reference[name], axis=1)))}
+                           # rows whose whole decision (label, or label set) equals fp32's
+                           "agreement_with_fp32": float(np.mean(np.all(dec == reference[name], axis=1))),
+                           # single decisions (one per row, or one per row and label for multilabel)
+                           "decision_agreement_with_fp32": float(np.mean(dec == reference[name]))}
         out["precisions"][precision] = {"used": engine.precision.reason, "seconds": time.perf_counter() - start, "heads": heads}
     base = out["precisions"]["fp32"]["heads"]
     out["deltas_vs_fp32_points"] = {p: {h: 100 * (v["macro_f1"] - base[h]["macro_f1"]) for h, v in r["heads"].items()}
