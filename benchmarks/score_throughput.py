@@ -104,6 +104,7 @@ def save_model(model: mtcls.MultiTaskModel, tokenizer, target: Path) -> Path:
 
 
 def bench_job(corpus: Path, model_dir: Path, out: Path, **overrides) -> dict:
+    overrides.setdefault("precision", "fp32")  # the bare-forward comparisons here are at fp32 (auto is bf16 on some CPUs)
     cfg = ScoreConfig(input=str(corpus), output=str(out), model=str(model_dir), progress=False, overwrite=True, **overrides)
     with RssSampler() as rss:
         start = time.perf_counter()

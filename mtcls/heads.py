@@ -93,6 +93,10 @@ class HeadSpec:
             cumulative probability reaches this value (card 004). Default 0.9.
         inputs_from: Names of earlier heads whose probabilities are concatenated to this head's
             input (card 000's "residual type fusion").
+        temperature: Calibration temperature, a number > 0: the scores a model outputs are the
+            kind's probabilities of ``logits / temperature`` (see :mod:`mtcls.calibration`).
+            None (default): uncalibrated. Training fits it on the validation set
+            (``calibrate``); it never changes what ``inputs_from`` fusion receives.
     """
 
     name: str
@@ -108,6 +112,7 @@ class HeadSpec:
     thresholds: Union[None, float, list[float]] = None
     cumulative_threshold: Optional[float] = None
     inputs_from: list[str] = field(default_factory=list)
+    temperature: Optional[float] = None
 
     def __post_init__(self) -> None:
         name = self.name
@@ -134,6 +139,14 @@ class HeadSpec:
         if name in self.inputs_from:
             _fail(name, "inputs_from", "a head cannot take its own output as input")
         self.inputs_from = list(self.inputs_from)
+        if self.temperature is not None:
+            t = self.temperature
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+                _fail(name, "temperature", f"must be a positive finite number (or null for uncalibrated), got {t!r}")
+            if not self.impl.calibratable:
+                users = [k for k in kind_names() if get_kind(k).calibratable]
+                _fail(name, "temperature", f"applies to {', '.join(users)} heads, not {self.kind}")
+            self.temperature = float(t)
 
     @property
     def impl(self) -> HeadKind:

@@ -22,7 +22,8 @@ import torch
 
 from mtcls.decoding import decode
 from mtcls.encoding import text_separator
-from mtcls.modeling import MultiTaskModel, head_probabilities
+from mtcls.calibration import calibrated_probabilities
+from mtcls.modeling import MultiTaskModel
 from mtcls.precision import Precision, resolve_precision
 from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 
@@ -237,7 +238,8 @@ class InferenceEngine:
                 under ``int8``), under the key :data:`POOLED`.
 
         Returns:
-            ``{head: probabilities}`` float32 arrays: (N, 1) binary, (N, G, K) grouped, (N, K) otherwise;
+            ``{head: probabilities}`` float32 arrays, calibrated by each head's ``temperature``
+            (:func:`mtcls.calibration.calibrated_probabilities`): (N, 1) binary, (N, G, K) grouped, (N, K) otherwise;
             with ``with_pooled``, also ``{POOLED: (N, hidden size) float32}``.
         """
         if not isinstance(tokens, Tokens):
@@ -260,7 +262,8 @@ class InferenceEngine:
                 with autocast:
                     result = self.model(input_ids=ids.to(self.device, non_blocking=cuda),
                                         attention_mask=mask.to(self.device, non_blocking=cuda))
-            probs = {name: head_probabilities(self.specs[name], logits.float()) for name, logits in result.logits.items()}
+            # Calibrated scores (the heads' temperatures); forward_heads fused the uncalibrated ones.
+            probs = {name: calibrated_probabilities(self.specs[name], logits.float()) for name, logits in result.logits.items()}
             if with_pooled:
                 probs[POOLED] = result.pooled.float()
             if pending is not None:

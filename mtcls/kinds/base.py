@@ -2,7 +2,8 @@
 
 A head kind (binary, multiclass, ...) owns everything that depends on what a head predicts: the
 shape of its logits, probabilities, loss, label encoding and collation, decoding to output columns
-and back, evaluation statistics and report, and threshold tuning where it applies. Everything
+and back, evaluation statistics and report, threshold tuning where it applies, and the likelihood and
+reliability pairs that temperature calibration fits and measures (:mod:`mtcls.calibration`). Everything
 else in the project asks the kind (``spec.impl``) and never compares kind names.
 
 Label layouts use ``IGNORE_INDEX`` (-100) for "no label" and ``INVALID_LABEL`` (-1) for a label
@@ -156,6 +157,8 @@ class HeadKind:
     labels_inferable: bool = True
     #: Optional spec fields that only this kind accepts (besides its weight field).
     own_fields: tuple[str, ...] = ()
+    #: Scores can be calibrated by a temperature fitted on labelled data (:mod:`mtcls.calibration`).
+    calibratable: bool = True
 
     # ---------------------------------------------------------------- spec
     def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
@@ -310,6 +313,37 @@ class HeadKind:
     def plot_matrix(self, rep: dict[str, Any]) -> tuple[np.ndarray, list[str], list[str], str, str]:
         """(matrix, row names, column names, row axis label, title suffix) for the report PNG."""
         return np.array(rep["confusion_matrix"]), rep["labels"], rep["labels"], "true", ""
+
+    # ---------------------------------------------------------------- calibration
+    def calibration_nll(self, spec: "HeadSpec", logits: torch.Tensor, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed negative log-likelihood of the labelled entries and their count, for temperature fitting.
+
+        The kind's own likelihood (softmax cross-entropy here, per group for grouped heads),
+        unweighted: no class or positive weights. Missing and invalid labels are left out.
+        """
+        y = self.collate(spec, np.asarray(labels)).to(logits.device)
+        y = torch.where(y < 0, torch.full_like(y, IGNORE_INDEX), y)
+        sums, denominators = self.loss_parts(spec, logits, y, None)
+        return sums.sum(), denominators.sum()
+
+    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(confidence, outcome)]`` pairs whose calibration error is measured (and averaged).
+
+        Single-choice kinds: one pair, the top-label probability of every labelled decision (every
+        labelled group of every row for grouped heads) and whether that label is the true one.
+        """
+        p = np.asarray(probs, dtype=np.float64).reshape(-1, spec.num_labels)
+        y = np.asarray(labels).astype(np.int64).reshape(-1)
+        ok = y >= 0
+        return [(p.max(axis=1)[ok], (p.argmax(axis=1) == y)[ok].astype(np.float64))]
+
+
+def per_label_reliability(probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sigmoid kinds' :meth:`HeadKind.reliability`: per label, the positive-class probability of
+    every labelled entry and whether the label is present (negative label values are left out)."""
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    p = np.asarray(probs, dtype=np.float64).reshape(len(labels), -1)
+    return [(p[y[:, j] >= 0, j], (y[y[:, j] >= 0, j] > 0.5).astype(np.float64)) for j in range(p.shape[1])]
 
 
 def rows_line(rep: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtcls.kinds.base import IGNORE_INDEX, HeadKind, float_rows, register_kind
+from mtcls.kinds.base import IGNORE_INDEX, HeadKind, float_rows, per_label_reliability, register_kind
 
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
@@ -81,3 +81,6 @@ class Binary(HeadKind):
 
     def probabilities_from_columns(self, spec: "HeadSpec", table: Any) -> np.ndarray:
         return float_rows(table.column(f"{spec.name}_probs"), 2)[:, 1:]
+
+    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return per_label_reliability(probs, labels)

@@ -45,6 +45,9 @@ class Distribution(HeadKind):
     name = "distribution"
     labels_inferable = False
     own_fields = ("cumulative_threshold",)
+    #: Trained on soft targets (KL): its probabilities are the predicted distribution itself, so
+    #: no temperature is fitted.
+    calibratable = False
 
     def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
         super().validate(spec, fail)
@@ -52,6 +55,13 @@ class Distribution(HeadKind):
 
         if spec.cumulative_threshold is not None:
             spec.cumulative_threshold = check_probability(spec.name, "cumulative_threshold", spec.cumulative_threshold)
+
+    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-label pairs against the target's top label, on labelled rows."""
+        y = np.asarray(labels, dtype=np.float64)
+        p = np.asarray(probs, dtype=np.float64)
+        ok = (y >= 0).all(axis=1)
+        return [(p[ok].max(axis=1), (p[ok].argmax(axis=1) == y[ok].argmax(axis=1)).astype(np.float64))]
 
     def cumulative_threshold(self, spec: "HeadSpec") -> float:
         return spec.cumulative_threshold or DEFAULT_CUMULATIVE_THRESHOLD

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mtcls.kinds.base import (
     IGNORE_INDEX, INVALID_LABEL, HeadKind, LabelError, Stats, divide, float_rows, is_missing, list_column,
-    ragged_string_column, register_kind, rows_line, zeros,
+    per_label_reliability, ragged_string_column, register_kind, rows_line, zeros,
 )
 
 if TYPE_CHECKING:
@@ -161,3 +161,12 @@ class Multilabel(HeadKind):
     def plot_matrix(self, rep: dict[str, Any]) -> tuple[np.ndarray, list[str], list[str], str, str]:
         m = np.array([[row["tp"], row["fn"], row["fp"], row["tn"]] for row in rep["per_label"].values()])
         return m, list(rep["per_label"]), ["TP", "FN", "FP", "TN"], "label", ""
+
+    def calibration_nll(self, spec: "HeadSpec", logits: torch.Tensor, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.collate(spec, np.asarray(labels)).to(logits.device)
+        y[(y < 0).any(dim=1)] = IGNORE_INDEX  # a row with a missing or invalid label is left out, as in statistics
+        sums, denominators = self.loss_parts(spec, logits, y, None)
+        return sums.sum(), denominators.sum()
+
+    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return per_label_reliability(probs, labels)

@@ -34,8 +34,8 @@ class TrainConfig:
             warm-up then linear decay; no weight decay on biases and LayerNorm weights).
         gradient_accumulation: Micro-batches per optimizer step.
         max_grad_norm: Gradient clipping (0 = off).
-        precision: ``auto`` (bf16, or fp16 with loss scaling, on GPU; fp32 on CPU), ``fp32``, ``bf16``
-            (autocast on CPU too) or ``fp16``.
+        precision: ``auto`` (GPU: bf16, or fp16 with loss scaling; CPU: bf16 where the CPU has
+            native bf16, else fp32), ``fp32``, ``bf16`` (autocast on CPU too) or ``fp16``.
         freeze_encoder: Train the heads only (card 004).
         early_stopping_patience: Stop after this many epochs without improvement (0 = off).
         best_metric: ``mean_macro_f1`` (card 002), ``<head>_macro_f1``, or for a multilabel head
@@ -44,6 +44,10 @@ class TrainConfig:
             validation set after every epoch, and export the best epoch with them. Metrics at the
             tuned thresholds are optimistic on the validation set itself; check them on a test set.
         threshold_bins: Resolution of threshold tuning (bins over [0, 1]).
+        calibrate: After every epoch's validation, fit a temperature per head (not distribution
+            heads) minimising the validation NLL, and measure and tune thresholds on the calibrated
+            scores; the exported model config carries the best epoch's temperatures, and
+            training_summary.json lists them with the validation ECE before and after.
         length_grouping: Batches pad to their longest row; rows are sorted by length within
             windows of this many batches, then the batches are shuffled (1 = off).
         num_workers: Ray Train workers (DDP).
@@ -77,6 +81,7 @@ class TrainConfig:
     best_metric: str = "mean_macro_f1"
     tune_thresholds: bool = True
     threshold_bins: int = DEFAULT_BINS
+    calibrate: bool = True
     length_grouping: int = 50
     num_workers: int = 1
     use_gpu: bool = False

@@ -14,6 +14,7 @@ uninterrupted run would: data order and random state are seeded per epoch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -28,10 +29,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mtcls import HeadSpec, MultiTaskModel, head_report, head_statistics
+from mtcls.calibration import calibrated_probabilities, calibration_report
 from mtcls.inference import pad_batch
+from mtcls.precision import cpu_native_bf16
 from mtcls.kinds import mean_of_parts
 from mtcls.metrics import empty_statistics, merge_statistics
-from mtcls.modeling import MultiTaskOutput, head_probabilities
+from mtcls.modeling import MultiTaskOutput
 from mtcls.thresholds import best_thresholds, threshold_histograms
 
 log = logging.getLogger(__name__)
@@ -48,16 +51,18 @@ def _schedule(step: int, warmup: int, total: int) -> float:
 def _autocast(precision: str, device: torch.device) -> tuple[Any, bool]:
     """Training's precision rule: ``(autocast dtype or None, use a loss scaler)``.
 
-    On a GPU, ``auto`` is bf16 where supported, else fp16 with loss scaling. On a CPU, ``auto`` stays
-    fp32 (bf16 training is measured in benchmarks/RESULTS.md) and ``bf16`` autocasts; fp16 has no
-    fast CPU path and trains fp32.
+    On a GPU, ``auto`` is bf16 where supported, else fp16 with loss scaling. On a CPU, ``auto`` is
+    bf16 where the CPU has native bf16 (measured on OLID: same test macro-F1 as fp32, 1.4x faster;
+    benchmarks/RESULTS.md), else fp32; ``bf16`` autocasts; fp16 has no fast CPU path and trains fp32.
     """
     if precision == "fp32":
         return None, False
     if device.type != "cuda":
         if precision == "fp16":
             log.warning("precision fp16 has no CPU training path: training in fp32")
-        return (torch.bfloat16, False) if precision == "bf16" else (None, False)
+        if precision == "bf16" or (precision == "auto" and cpu_native_bf16()):
+            return torch.bfloat16, False
+        return None, False
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, False
     return torch.float16, True
@@ -245,17 +250,24 @@ def _tuned_macro_f1(spec: HeadSpec, hist: dict[str, np.ndarray]) -> dict[str, An
 
 
 def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_size: int, pad_id: int,
-             device: torch.device, rank: int, world: int, tune_bins: int = 0) -> dict[str, Any]:
+             device: torch.device, rank: int, world: int, tune_bins: int = 0, calibrate: bool = False) -> dict[str, Any]:
     """Exact validation metrics: per-worker statistics on rows ``row % world == rank``, all-reduced.
 
+    With ``calibrate``, every head whose kind is calibratable first gets a temperature minimising
+    its validation NLL (:mod:`mtcls.calibration`), in ``reports[head]["calibration"]`` with the
+    NLL and ECE before and after. Fitting needs every validation logit, not a sum: each worker
+    keeps its rows' logits and labels (small: one row of logits per validation row), all of them
+    are all-gathered in rank order, and every worker fits the same temperature on the same data
+    (deterministic CPU code), so the workers cannot diverge. The statistics, metrics and threshold
+    histograms below are then those of the calibrated scores, as the exported model outputs them.
+
     With ``tune_bins``, multilabel heads also get per-label thresholds maximising validation F1
-    (from threshold histograms, summed like the statistics), reported as ``<head>_tuned_macro_f1``
-    and in ``reports[head]["tuned_thresholds"]``.
+    (from threshold histograms of the calibrated scores, summed like the statistics), reported as
+    ``<head>_tuned_macro_f1`` and in ``reports[head]["tuned_thresholds"]``.
     """
     model.eval()
-    stats = {s.name: empty_statistics(s) for s in specs}
-    tuned = [s for s in specs if tune_bins and s.impl.tuned_in_training]
-    hists = {s.name: {"pos": np.zeros((s.num_labels, tune_bins), np.int64), "neg": np.zeros((s.num_labels, tune_bins), np.int64)} for s in tuned}
+    logits: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
+    labels: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
     with torch.inference_mode():
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             mine = np.flatnonzero(batch["row"] % world == rank)
@@ -264,12 +276,25 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
             ids, mask = pad_batch([batch["input_ids"][i] for i in mine], pad_id)
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for spec in specs:
-                probs = head_probabilities(spec, out.logits[spec.name].float()).cpu().numpy()
-                labels = np.stack([batch[f"y_{spec.name}"][i] for i in mine])
-                stats[spec.name] = merge_statistics(stats[spec.name], head_statistics(spec, labels, probs))
-                if spec.name in hists:
-                    for key, value in threshold_histograms(spec, labels, probs, tune_bins).items():
-                        hists[spec.name][key] += value
+                logits[spec.name].append(out.logits[spec.name].float().cpu())
+                labels[spec.name].append(np.stack([batch[f"y_{spec.name}"][i] for i in mine]))
+    local = {n: (torch.cat(logits[n]), np.concatenate(labels[n])) for n in logits if logits[n]}
+    scored = {s.name: s for s in specs}  # the specs whose scores are measured (with fitted temperatures)
+    calibration = _calibrate(specs, local, world) if calibrate else {}
+    for name, result in calibration.items():
+        if result["temperature"] is not None:
+            scored[name] = dataclasses.replace(scored[name], temperature=result["temperature"])
+
+    stats = {s.name: empty_statistics(s) for s in specs}
+    tuned = [s for s in specs if tune_bins and s.impl.tuned_in_training]
+    hists = {s.name: {"pos": np.zeros((s.num_labels, tune_bins), np.int64), "neg": np.zeros((s.num_labels, tune_bins), np.int64)} for s in tuned}
+    for name, (z, y) in local.items():
+        spec = scored[name]
+        probs = calibrated_probabilities(spec, z).numpy()
+        stats[name] = merge_statistics(stats[name], head_statistics(spec, y, probs))
+        if name in hists:
+            for key, value in threshold_histograms(spec, y, probs, tune_bins).items():
+                hists[name][key] += value
     if world > 1:
         import torch.distributed as dist
 
@@ -281,10 +306,34 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
     reports = {s.name: head_report(s, stats[s.name]) for s in specs}
     metrics = {f"{n}_macro_f1": r["macro_f1"] for n, r in reports.items()}
     metrics["mean_macro_f1"] = float(np.mean(list(metrics.values())))
+    for name, result in calibration.items():
+        reports[name]["calibration"] = result
     for spec in tuned:
-        reports[spec.name]["tuned_thresholds"] = _tuned_macro_f1(spec, hists[spec.name])
+        reports[spec.name]["tuned_thresholds"] = _tuned_macro_f1(scored[spec.name], hists[spec.name])
         metrics[f"{spec.name}_tuned_macro_f1"] = reports[spec.name]["tuned_thresholds"]["macro_f1"]
     return {"metrics": metrics, "reports": reports}
+
+
+def _calibrate(specs: list[HeadSpec], local: dict[str, tuple[torch.Tensor, np.ndarray]], world: int) -> dict[str, Any]:
+    """Per calibratable head, :func:`mtcls.calibration.calibration_report` on every worker's validation rows.
+
+    Above one worker, the rows' logits and labels are all-gathered (in rank order, so every worker
+    fits on the same data and gets the same temperature).
+    """
+    parts = [{n: (z.numpy(), y) for n, (z, y) in local.items()}]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    out = {}
+    for spec in specs:
+        mine = [p[spec.name] for p in parts if spec.name in p]
+        if spec.impl.calibratable and mine:
+            z = torch.from_numpy(np.concatenate([m[0] for m in mine]))
+            out[spec.name] = calibration_report(spec, z, np.concatenate([m[1] for m in mine]))
+    return out
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -342,7 +391,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_metrics = trainer.train_epoch(train_shard, epoch)
         train_seconds = time.perf_counter() - start
         result = validate(model, val_shard, specs, config["batch_size"] * 2, config["pad_token_id"], device, rank, world,
-                          config["threshold_bins"])
+                          config["threshold_bins"], config.get("calibrate", False))
         metrics = {"epoch": epoch, **train_metrics, **result["metrics"]}
         if rank == 0:
             log.info("epoch %d/%d done in %.0f s: train loss %.4f; validation %s", epoch + 1, config["epochs"], train_seconds,

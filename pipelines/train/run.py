@@ -118,6 +118,7 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         "pad_token_id": tokenizer.pad_token_id or 0,
         "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
         "threshold_bins": cfg.threshold_bins if cfg.tune_thresholds else 0,
+        "calibrate": cfg.calibrate,
         **{k: getattr(cfg, k) for k in ("seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
                                          "gradient_accumulation", "warmup_ratio", "precision", "max_grad_norm",
                                          "early_stopping_patience", "best_metric", "length_grouping")},
@@ -144,11 +145,16 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
 
     best_reports = next(h["reports"] for h in history if h["epoch"] == best_metrics["epoch"])
     tuned = {h: r["tuned_thresholds"] for h, r in best_reports.items() if "tuned_thresholds" in r}
+    calibration = {h: r["calibration"] for h, r in best_reports.items() if "calibration" in r}
+    temperatures = {h: c["temperature"] for h, c in calibration.items() if c["temperature"] is not None}
 
     out = locate(cfg.output)
     out.fs.makedirs(out.path, exist_ok=True)
     with best_ckpt.as_directory() as best_dir:
         model = MultiTaskModel.from_pretrained(best_dir)
+    # The thresholds were tuned on the scores calibrated by these temperatures: export both.
+    for head, temperature in temperatures.items():
+        model.set_head_spec(dataclasses.replace(model.specs[head], temperature=temperature))
     for head, result in tuned.items():
         spec = model.specs[head]
         model.set_head_spec(spec.impl.with_thresholds(spec, result["thresholds"]))
@@ -168,6 +174,8 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         "epochs": [{k: v for k, v in h.items() if k != "reports"} for h in history],
         "best_reports": best_reports,
         "tuned_thresholds": tuned,
+        "temperatures": temperatures,
+        "calibration": calibration,
         "heads": [s.to_dict() for s in model.specs.values()],
         "rows": {"train": data.train.rows, "validation": data.validation.rows},
         "label_rows": data.label_rows,

@@ -50,7 +50,8 @@ HEADS = json.dumps([{"name": "sentiment", "kind": "multiclass", "class_weights":
 
 
 def train(tmp_path, encoder, *extra):
-    args = [f"output={tmp_path / 'model'}", f"encoder={encoder}", f"heads={HEADS}", f"storage_path={tmp_path / 'rt'}",
+    # fp32: the tests compare training's metrics with fp32 predictions exactly (auto is bf16 on some CPUs).
+    args = [f"output={tmp_path / 'model'}", f"encoder={encoder}", f"heads={HEADS}", f"storage_path={tmp_path / 'rt'}", "precision=fp32",
             "batch_size=16", "learning_rate=0.003", "warmup_ratio=0.0", "max_failures=1", *extra]
     return train_job.main(args)
 
@@ -95,6 +96,13 @@ def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data
     stats = mtcls.head_statistics(spec, y, np.array(cols["topics_probs"]))
     assert mtcls.head_report(spec, stats)["macro_f1"] == pytest.approx(summary["best_metrics"]["topics_tuned_macro_f1"], abs=1e-9)
     assert summary["best_metrics"]["topics_tuned_macro_f1"] >= summary["best_metrics"]["topics_macro_f1"] - 1e-9  # tuning can only match or beat 0.5
+    # Calibration (default on): the best epoch's temperatures are in the model config and the
+    # summary, the scores above were calibrated by them, and the thresholds were tuned after it.
+    for head in ("sentiment", "topics"):
+        assert model.specs[head].temperature == summary["temperatures"][head] > 0
+        cal = summary["calibration"][head]
+        assert cal["temperature"] == summary["temperatures"][head]
+        assert cal["nll_after"] <= cal["nll_before"] + 1e-6 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     # Balanced weights were resolved from label counts and saved with the model.
     assert isinstance(model.specs["sentiment"].class_weights, list)
     assert sorted(model.specs["topics"].labels) == ["sport", "tech"]
