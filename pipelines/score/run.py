@@ -100,6 +100,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale, encoder)
         manifest["resources"] = vars(plan)
         manifest["precision"] = {"requested": cfg.precision, "used_this_run": used}
+        # Scores are the heads' probabilities of logits / temperature (mtcls.calibration); none: uncalibrated.
+        manifest["calibration"] = {s.name: s.temperature for s in model_config.head_specs() if s.temperature is not None}
         write_json(out_loc.join("_manifest.json"), manifest)
         if verification.problems or manifest["rows_out"] != manifest["rows_in"]:
             raise RuntimeError(

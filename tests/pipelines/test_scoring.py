@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -46,10 +47,17 @@ def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_lo
     (tmp_path / "in").mkdir()
     texts = write_corpus(tmp_path / "in" / "a.parquet", 40)
     texts.update(write_corpus(tmp_path / "in" / "b.parquet", 30, start=40))
+    # A calibrated head (temperature 2) and uncalibrated ones: the output holds the calibrated scores.
+    calibrated = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
+    calibrated.set_head_spec(dataclasses.replace(calibrated.specs["type"], temperature=2.0))
+    calibrated.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
+    tiny_model_dir = tmp_path / "model"
     cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"], max_length=32,
                            precision="fp32")
     out = read_output(cfg.output)
     assert sorted(out.index) == sorted(texts) and manifest["rows_out"] == manifest["rows_in"] == 70
+    assert manifest["calibration"] == {"type": 2.0}
     assert manifest["precision"] == {"requested": "fp32", "used_this_run": {"fp32": "set in the config"}}
     commits = [json.loads(pq.read_schema(p).metadata[b"mtcls_commit"]) for p in Path(cfg.output).glob("*.parquet")]
     assert {c["precision"] for c in commits} == {"fp32\tset in the config"}
