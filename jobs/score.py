@@ -3,6 +3,7 @@
     python -m jobs.score                                   # embedded demo corpus and default model
     python -m jobs.score --config jobs/configs/score/goemotions.yaml model=/path/to/model
     ray job submit --working-dir . -- python -m jobs.score input=s3://bucket/corpus/ output=s3://bucket/scores/ model=s3://bucket/model/
+    python -m jobs.score ... fail_on_drift=true          # exit status 3 (after _SUCCESS) when a head drifted
 
 Keys: ``python -m jobs.score --help`` (from ``pipelines.score.ScoreConfig``).
 """
@@ -15,6 +16,7 @@ from typing import Optional, Sequence
 from pipelines.config import load_config
 from pipelines.runtime import parse_job_args, run_job, setup_logging
 from pipelines.score import ScoreConfig, run_score
+from pipelines.score.drift import raise_on_drift
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -26,7 +28,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     keys = ("rows_in", "rows_out", "rows_error", "rows_truncated", "rows_scored_this_run")
     print(json.dumps({"output": cfg.output, **{k: manifest[k] for k in keys},
                       "rows_per_s": round(rate, 1) if rate else None,
+                      "drift_flagged": manifest.get("drift", {}).get("flagged"),
                       "manifest": f"{cfg.output.rstrip('/')}/_manifest.json"}, indent=2))
+    if cfg.fail_on_drift:
+        raise_on_drift(manifest["drift"], cfg.output)  # after _SUCCESS: exit status 3
     return manifest
 
 

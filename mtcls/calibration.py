@@ -108,16 +108,55 @@ def expected_calibration_error(spec: HeadSpec, probs: Array, labels: np.ndarray,
     Returns:
         The ECE in [0, 1], or None when no entry has a label.
     """
+    return ece_from_reliability(reliability_statistics(spec, probs, labels, bins))
+
+
+def reliability_statistics(spec: HeadSpec, probs: Array, labels: np.ndarray, bins: int = DEFAULT_ECE_BINS) -> np.ndarray:
+    """Per reliability pair and equal-width confidence bin: entries, sum of confidence, sum of outcome.
+
+    The pairs are the kind's (:meth:`mtcls.kinds.HeadKind.reliability`: one for single-choice
+    heads, one per label for binary and multilabel heads). The sums of two sets of rows are the sums
+    of the union, so blocks scored apart merge by addition (float sums: up to rounding).
+
+    Returns:
+        (pairs, 3, bins) float64: ``[:, 0]`` entries, ``[:, 1]`` summed confidence, ``[:, 2]`` summed outcome.
+    """
     p = probs.detach().float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    errors = []
-    for confidence, outcome in spec.impl.reliability(spec, p, labels):
-        if not len(confidence):
-            continue
+    pairs = spec.impl.reliability(spec, p, labels)
+    out = np.zeros((len(pairs), 3, bins), np.float64)
+    for k, (confidence, outcome) in enumerate(pairs):
+        confidence = np.asarray(confidence, np.float64)
         idx = np.clip((confidence * bins).astype(np.int64), 0, bins - 1)
-        n = np.bincount(idx, minlength=bins)
-        gap = np.abs(np.bincount(idx, confidence, minlength=bins) - np.bincount(idx, outcome, minlength=bins))
-        errors.append(float(gap.sum() / n.sum()))
+        out[k, 0] = np.bincount(idx, minlength=bins)
+        out[k, 1] = np.bincount(idx, confidence, minlength=bins)
+        out[k, 2] = np.bincount(idx, np.asarray(outcome, np.float64), minlength=bins)
+    return out
+
+
+def ece_from_reliability(stats: np.ndarray) -> Optional[float]:
+    """The ECE (see :func:`expected_calibration_error`) from summed :func:`reliability_statistics`.
+
+    Per pair ``sum_b |sum confidence_b - sum outcome_b| / n``, averaged over the pairs with entries;
+    None when no pair has one.
+    """
+    stats = np.asarray(stats, np.float64)
+    n = stats[:, 0].sum(axis=1) if stats.size else np.zeros(0)
+    errors = [float(np.abs(s[1] - s[2]).sum() / c) for s, c in zip(stats, n) if c > 0]
     return float(np.mean(errors)) if errors else None
+
+
+def reliability_curve(stats: np.ndarray) -> dict[str, list]:
+    """A reliability diagram's points from :func:`reliability_statistics`, all pairs pooled.
+
+    Returns:
+        ``{"count", "confidence", "observed"}`` per bin: entries, their mean confidence and mean
+        outcome (accuracy of top-label pairs, fraction of positives of per-label pairs; None for an
+        empty bin).
+    """
+    pooled = np.asarray(stats, np.float64).reshape(-1, 3, np.shape(stats)[-1]).sum(axis=0)
+    n = pooled[0]
+    mean = lambda s: [float(v / c) if c > 0 else None for v, c in zip(s, n)]  # noqa: E731
+    return {"count": [int(c) for c in n], "confidence": mean(pooled[1]), "observed": mean(pooled[2])}
 
 
 def calibration_report(spec: HeadSpec, logits: Array, labels: np.ndarray, fit: bool = True,

@@ -23,7 +23,7 @@ import torch
 from mtcls.decoding import decode
 from mtcls.encoding import text_separator
 from mtcls.calibration import calibrated_probabilities
-from mtcls.modeling import MultiTaskModel
+from mtcls.modeling import MultiTaskModel, head_probabilities
 from mtcls.precision import Precision, resolve_precision
 from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 
@@ -34,6 +34,16 @@ MAX_BATCH_ROWS = 1024
 #: Key under which :meth:`InferenceEngine.predict_tokens` returns the pooled encoder features when
 #: asked (``with_pooled=True``). Head names start with a letter, so it never clashes with a head.
 POOLED = "__pooled"
+#: Rows per call of the heads in :meth:`InferenceEngine.predict_pooled` (the heads are small).
+POOLED_BATCH_ROWS = 8192
+#: Prefix of the keys under which an engine made with ``with_uncalibrated=True`` also returns the
+#: uncalibrated probabilities of each head that has a temperature (:func:`uncalibrated_key`).
+UNCALIBRATED = "__uncalibrated:"
+
+
+def uncalibrated_key(head: str) -> str:
+    """Key of a head's uncalibrated probabilities in :meth:`InferenceEngine.predict_tokens`'s result."""
+    return UNCALIBRATED + head
 
 
 @dataclass
@@ -173,12 +183,18 @@ class InferenceEngine:
         pad_token_id: Padding id when there is no tokenizer.
         int8_file: For ``precision="int8"``, the quantized encoder (:mod:`mtcls.quantize`); None
             exports it (once per model, cached).
+        with_uncalibrated: :meth:`predict_tokens` also returns, for each head with a
+            ``temperature``, its probabilities without it, under :func:`uncalibrated_key` (the
+            evaluation job measures calibration with and without; one forward pass gives both).
+        heads: Predict only these heads (the heads they read through ``inputs_from`` run too, but
+            are not returned); None: every head.
     """
 
     def __init__(self, model: MultiTaskModel, tokenizer: Any, precision: str = "auto",
                  device: Union[str, torch.device] = "auto", max_length: Optional[int] = None,
                  max_tokens_per_batch: Optional[int] = None, pad_token_id: int = 0,
-                 int8_file: Optional[Path] = None) -> None:
+                 int8_file: Optional[Path] = None, with_uncalibrated: bool = False,
+                 heads: Optional[Sequence[str]] = None) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
         self.device = torch.device(device)
@@ -189,17 +205,23 @@ class InferenceEngine:
         self.max_tokens = max_tokens_per_batch or DEFAULT_MAX_TOKENS.get(self.device.type, DEFAULT_MAX_TOKENS["cpu"])
         self.separator = text_separator(model.config, tokenizer)
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or pad_token_id
+        # The heads to return (model order), and those to run for them (None: all of them).
+        self.heads: Optional[list[str]] = None if heads is None else [n for n in model.specs if n in set(heads)]
+        self._run_heads: Optional[list[str]] = None if heads is None else model.heads_needed(heads)
+        self.with_uncalibrated = with_uncalibrated
         self.int8: Optional[Int8Encoder] = None
         if self.precision.quantized:
             self.int8 = Int8Encoder(int8_file or cached_int8(self.model), threads=torch.get_num_threads())
 
     @classmethod
-    def load(cls, model_dir: Union[str, Path], torch_threads: int = 0, **kwargs: Any) -> "InferenceEngine":
+    def load(cls, model_dir: Union[str, Path], torch_threads: int = 0, with_tokenizer: bool = True,
+             **kwargs: Any) -> "InferenceEngine":
         """Loads a saved model directory (model + tokenizer).
 
         Args:
             model_dir: Local directory written by ``save_pretrained`` (and the tokenizer's).
             torch_threads: CPU intra-op threads (0 leaves torch's default).
+            with_tokenizer: False: no tokenizer (an engine for :meth:`predict_pooled` or token ids).
             **kwargs: Further :class:`InferenceEngine` arguments.
         """
         from transformers import AutoTokenizer
@@ -208,11 +230,15 @@ class InferenceEngine:
             torch.set_num_threads(torch_threads)
         if (Path(model_dir) / INT8_FILE).is_file():
             kwargs.setdefault("int8_file", Path(model_dir) / INT8_FILE)
-        return cls(MultiTaskModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
+        return cls(MultiTaskModel.from_pretrained(model_dir), tokenizer, **kwargs)
 
     @property
     def specs(self) -> dict[str, Any]:
-        return self.model.specs
+        """The heads this engine predicts, in the model's order (all of them unless ``heads`` was given)."""
+        if self.heads is None:
+            return self.model.specs
+        return {name: self.model.specs[name] for name in self.heads}
 
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         """Texts -> :class:`Tokens` under the engine's ``max_length``."""
@@ -221,6 +247,8 @@ class InferenceEngine:
     def output_shapes(self, with_pooled: bool = False) -> dict[str, tuple[int, ...]]:
         """Per-row shape of each array :meth:`predict_tokens` returns (``POOLED``: (hidden size,))."""
         shapes = {name: tuple(spec.impl.logit_shape(spec)) for name, spec in self.specs.items()}
+        if self.with_uncalibrated:
+            shapes.update({uncalibrated_key(n): shapes[n] for n, s in self.specs.items() if s.temperature is not None})
         if with_pooled:
             shapes[POOLED] = (self.model.config.hidden_size,)
         return shapes
@@ -240,7 +268,9 @@ class InferenceEngine:
         Returns:
             ``{head: probabilities}`` float32 arrays, calibrated by each head's ``temperature``
             (:func:`mtcls.calibration.calibrated_probabilities`): (N, 1) binary, (N, G, K) grouped, (N, K) otherwise;
-            with ``with_pooled``, also ``{POOLED: (N, hidden size) float32}``.
+            with ``with_pooled``, also ``{POOLED: (N, hidden size) float32}``; for an engine made
+            ``with_uncalibrated``, also ``{uncalibrated_key(head): probabilities without the
+            temperature}`` for each head that has one.
         """
         if not isinstance(tokens, Tokens):
             tokens = Tokens.from_rows(tokens)
@@ -257,20 +287,61 @@ class InferenceEngine:
             if cuda:
                 ids, mask = ids.pin_memory(), mask.pin_memory()
             if self.int8 is not None:
-                result = self.model.forward_heads(self.int8(ids, mask))
+                result = self.model.forward_heads(self.int8(ids, mask), heads=self._run_heads)
             else:
                 with autocast:
                     result = self.model(input_ids=ids.to(self.device, non_blocking=cuda),
-                                        attention_mask=mask.to(self.device, non_blocking=cuda))
-            # Calibrated scores (the heads' temperatures); forward_heads fused the uncalibrated ones.
-            probs = {name: calibrated_probabilities(self.specs[name], logits.float()) for name, logits in result.logits.items()}
-            if with_pooled:
-                probs[POOLED] = result.pooled.float()
+                                        attention_mask=mask.to(self.device, non_blocking=cuda), heads=self._run_heads)
+            probs = self._scores(result, with_pooled)
             if pending is not None:
                 self._collect(out, *pending)
             pending = (idx, probs)
         self._collect(out, *pending)
         return out
+
+    @torch.inference_mode()
+    def predict_pooled(self, features: Union[np.ndarray, torch.Tensor], batch_rows: int = POOLED_BATCH_ROWS) -> dict[str, np.ndarray]:
+        """Runs only the heads, on pooled encoder features: no tokenizer, no encoder.
+
+        ``features`` are what :meth:`predict_tokens` returns under :data:`POOLED` (for example the
+        ``embedding`` column of a scoring output). The heads, their ``inputs_from`` fusion, the
+        precision and the calibration are those of :meth:`predict_tokens`, so for the same
+        features the probabilities are the same (at fp32, equal up to float rounding).
+
+        Args:
+            features: (N, hidden size) float array.
+            batch_rows: Rows per call of the heads.
+
+        Returns:
+            ``{head: probabilities}`` (and the uncalibrated ones for an engine made
+            ``with_uncalibrated``) in the layouts of :meth:`predict_tokens`, in input order.
+
+        Raises:
+            ValueError: If ``features`` is not (N, hidden size).
+        """
+        x = torch.as_tensor(features).float()
+        hidden = self.model.config.hidden_size
+        if x.ndim != 2 or x.shape[1] != hidden:
+            raise ValueError(f"features must be (N, {hidden}) (the encoder's hidden size), got {tuple(x.shape)}")
+        out = {name: np.empty((len(x), *shape), np.float32) for name, shape in self.output_shapes().items()}
+        dtype = self.precision.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype and self.int8 is None else contextlib.nullcontext()
+        for start in range(0, len(x), batch_rows):
+            with autocast:
+                result = self.model.forward_heads(x[start:start + batch_rows].to(self.device), heads=self._run_heads)
+            self._collect(out, np.arange(start, min(start + batch_rows, len(x))), self._scores(result))
+        return out
+
+    def _scores(self, result: Any, with_pooled: bool = False) -> dict[str, torch.Tensor]:
+        """One batch's results: the returned heads' calibrated probabilities (the heads'
+        temperatures; forward_heads fused the uncalibrated ones), and what the engine was asked for."""
+        probs = {name: calibrated_probabilities(spec, result.logits[name].float()) for name, spec in self.specs.items()}
+        if self.with_uncalibrated:
+            probs.update({uncalibrated_key(name): head_probabilities(spec, result.logits[name].float())
+                          for name, spec in self.specs.items() if spec.temperature is not None})
+        if with_pooled:
+            probs[POOLED] = result.pooled.float()
+        return probs
 
     @staticmethod
     def _collect(out: dict[str, np.ndarray], idx: np.ndarray, probs: dict[str, torch.Tensor]) -> None:

@@ -220,6 +220,7 @@ class MultiTaskModel(PreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
         labels: Optional[dict[str, torch.Tensor]] = None,
+        heads: Optional[Iterable[str]] = None,
         **kwargs: Any,
     ) -> MultiTaskOutput:
         """Runs the encoder once and every head on its pooled output.
@@ -230,6 +231,7 @@ class MultiTaskModel(PreTrainedModel):
             token_type_ids: (B, T), passed on only when given (DistilBERT has none).
             labels: Optional ``{head: labels}`` in the layouts of :mod:`mtcls.losses`; heads not in
                 the dict (or with every row missing) add nothing to the loss.
+            heads: Only these heads (see :meth:`forward_heads`); None: every head.
 
         Returns:
             A :class:`MultiTaskOutput`.
@@ -238,23 +240,46 @@ class MultiTaskModel(PreTrainedModel):
         if token_type_ids is not None:
             enc_kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**enc_kwargs).last_hidden_state  # (B, T, H)
-        return self.forward_heads(self.pool(hidden, attention_mask), labels)
+        return self.forward_heads(self.pool(hidden, attention_mask), labels, heads)
+
+    def heads_needed(self, names: Iterable[str]) -> list[str]:
+        """The named heads plus every head they read through ``inputs_from``, in the model's order.
+
+        Raises:
+            HeadSpecError: Naming unknown heads and the model's heads.
+        """
+        wanted = list(names)
+        unknown = [n for n in wanted if n not in self.specs]
+        if unknown:
+            raise HeadSpecError(f"unknown head(s) {unknown}; heads: {list(self.specs)}")
+        needed: set[str] = set()
+        while wanted:
+            name = wanted.pop()
+            if name not in needed:
+                needed.add(name)
+                wanted.extend(self.specs[name].inputs_from)
+        return [n for n in self.specs if n in needed]
 
     def forward_heads(
-        self, pooled: torch.Tensor, labels: Optional[dict[str, torch.Tensor]] = None
+        self, pooled: torch.Tensor, labels: Optional[dict[str, torch.Tensor]] = None,
+        heads: Optional[Iterable[str]] = None,
     ) -> MultiTaskOutput:
         """Runs every head on pooled features (B, H), e.g. features cached from a frozen encoder.
 
         Args:
             pooled: (B, H) pooled encoder output.
             labels: As in :meth:`forward`.
+            heads: Only these heads, plus the heads they read (:meth:`heads_needed`; ``logits``
+                holds those too) and any head given labels; None: every head.
 
         Returns:
             A :class:`MultiTaskOutput`.
         """
         logits: dict[str, torch.Tensor] = {}
         probs: dict[str, torch.Tensor] = {}
-        for name, spec in self.specs.items():
+        run = self.specs if heads is None else self.heads_needed([*heads, *(labels or {})])
+        for name in run:
+            spec = self.specs[name]
             features = pooled
             if spec.inputs_from:
                 # Residual fusion: earlier heads' probabilities next to the pooled features.

@@ -68,9 +68,11 @@ def plan_inference(cluster: dict[str, float], num_actors: int = 0, num_gpus_per_
 def plan_resources(cfg: Any, cluster: dict[str, float]) -> InferencePlan:
     """:func:`plan_inference` with the pool keys of a job config (``num_actors``, ``num_gpus_per_actor``, ...).
 
-    ``precision=int8`` runs on CPU actors: an automatic GPU count (-1) becomes 0.
+    ``precision=int8`` and heads-only scoring (``from_embeddings``) run on CPU actors: an
+    automatic GPU count (-1) becomes 0.
     """
-    gpus = 0 if cfg.precision == "int8" and cfg.num_gpus_per_actor < 0 else cfg.num_gpus_per_actor
+    cpu_only = cfg.precision == "int8" or getattr(cfg, "from_embeddings", False)
+    gpus = 0 if cpu_only and cfg.num_gpus_per_actor < 0 else cfg.num_gpus_per_actor
     return plan_inference(cluster, cfg.num_actors, gpus, cfg.num_cpus_per_actor, cfg.torch_threads)
 
 

@@ -52,8 +52,12 @@ def init_ray() -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
+class JobAlert(RuntimeError):
+    """The job finished its work and wrote its output, but asks its scheduler for attention (exit status 3)."""
+
+
 def run_job(main: Callable[[], Any]) -> None:
-    """Runs a job's ``main``; a bad config or input exits with status 2 and a one-line message."""
+    """Runs a job's ``main``; a bad config or input exits with status 2 and a one-line message, a :class:`JobAlert` with 3."""
     from pipelines.config import ConfigError
     from pipelines.storage import InputError
 
@@ -62,3 +66,6 @@ def run_job(main: Callable[[], Any]) -> None:
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except JobAlert as exc:
+        print(f"alert: {exc}", file=sys.stderr)
+        sys.exit(3)

@@ -9,13 +9,14 @@ import pytest
 
 from pipelines.config import (ConfigError, describe_config, docstring_attributes, format_config_help, format_value,
                               load_config)
+from pipelines.drift.config import DriftConfig
 from pipelines.evaluate.config import EvalConfig
 from pipelines.runtime import parse_job_args
 from pipelines.score.config import ScoreConfig
 from pipelines.train.config import TrainConfig
 
 # DemoConfig by name: the demo job may keep it in jobs/demo.py or pipelines/demo/run.py.
-CONFIGS = [ScoreConfig, TrainConfig, EvalConfig, "DemoConfig"]
+CONFIGS = [ScoreConfig, TrainConfig, EvalConfig, DriftConfig, "DemoConfig"]
 
 
 @dataclasses.dataclass

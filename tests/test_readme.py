@@ -25,6 +25,7 @@ def config_class(job: str) -> type:
         "score": ["pipelines.score.config:ScoreConfig"],
         "train": ["pipelines.train.config:TrainConfig"],
         "evaluate": ["pipelines.evaluate.config:EvalConfig"],
+        "drift": ["pipelines.drift.config:DriftConfig"],
         "demo": ["pipelines.demo.run:DemoConfig", "jobs.demo:DemoConfig"],
     }[job]
     errors = []

@@ -338,6 +338,28 @@ class HeadKind:
         return [(p.max(axis=1)[ok], (p.argmax(axis=1) == y)[ok].astype(np.float64))]
 
 
+    # ---------------------------------------------------------------- prediction profile (drift)
+    def prediction_mix(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """Counts of the decisions taken on ``probs``: rows per predicted label, (K,) here."""
+        return np.bincount(self.predict(spec, probs), minlength=spec.num_labels).astype(np.int64)
+
+    def decision_scores(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """The score of every decision (flat): the probability of the predicted label (``<head>_score``)."""
+        full = self.full_probabilities(spec, np.asarray(probs, dtype=np.float64))
+        return np.take_along_axis(full, self.predict(spec, probs)[:, None], axis=1)[:, 0]
+
+    def mix_distributions(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+        """Merged ``prediction_mix`` counts -> the distributions drift compares, by part name.
+
+        Single-choice kinds: one part (``""``), the share of rows per predicted label.
+        """
+        return {"": divide(mix, rows)}
+
+    def mix_summary(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, Any]:
+        """The prediction mix for people: ``{label: share of rows}`` here."""
+        return {label: round(float(v), 6) for label, v in zip(spec.labels, divide(mix, rows))}
+
+
 def per_label_reliability(probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Sigmoid kinds' :meth:`HeadKind.reliability`: per label, the positive-class probability of
     every labelled entry and whether the label is present (negative label values are left out)."""

@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from mtcls.kinds.base import (
-    IGNORE_INDEX, HeadKind, LabelError, Stats, confusion, float_rows, is_missing, list_column, register_kind,
+    IGNORE_INDEX, HeadKind, LabelError, Stats, confusion, divide, float_rows, is_missing, list_column, register_kind,
     string_column, zeros,
 )
 from mtcls.kinds.multiclass import weighted_cross_entropy_parts
@@ -98,6 +98,25 @@ class Grouped(HeadKind):
         column = table.column(f"{spec.name}_probs").combine_chunks()
         flat = float_rows(column.flatten(), spec.num_labels) if len(column) else np.zeros((0, spec.num_labels))
         return flat.reshape(len(column), spec.num_groups, spec.num_labels)
+
+    def prediction_mix(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """Rows per predicted label in each group, (G, K)."""
+        pred = self.predict(spec, np.asarray(probs))
+        k = spec.num_labels
+        return np.stack([np.bincount(pred[:, g], minlength=k) for g in range(spec.num_groups)]).astype(np.int64)
+
+    def decision_scores(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """The top probability of every group of every row."""
+        return np.asarray(probs, dtype=np.float64).max(axis=2).reshape(-1)
+
+    def mix_distributions(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+        """Per group, the share of rows per predicted label."""
+        return {g: divide(mix[i], rows) for i, g in enumerate(spec.groups or [])}
+
+    def mix_summary(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, Any]:
+        """``{group: {label: share of rows}}``."""
+        return {g: {label: round(float(v), 6) for label, v in zip(spec.labels, divide(mix[i], rows))}
+                for i, g in enumerate(spec.groups or [])}
 
     def empty_statistics(self, spec: "HeadSpec") -> Stats:
         g, k = spec.num_groups, spec.num_labels

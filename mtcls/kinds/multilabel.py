@@ -114,6 +114,23 @@ class Multilabel(HeadKind):
     def probabilities_from_columns(self, spec: "HeadSpec", table: Any) -> np.ndarray:
         return float_rows(table.column(f"{spec.name}_probs"), spec.num_labels)
 
+    def prediction_mix(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """Rows predicted positive per label, (K,)."""
+        return self.predict(spec, probs).sum(axis=0).astype(np.int64)
+
+    def decision_scores(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+        """Each row's highest label probability."""
+        return np.asarray(probs, dtype=np.float64).max(axis=1)
+
+    def mix_distributions(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+        """Per label, the (positive, negative) shares of rows."""
+        rates = divide(mix, rows)
+        return {label: np.array([r, 1.0 - r]) for label, r in zip(spec.labels, rates)}
+
+    def mix_summary(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, Any]:
+        """``{label: share of rows predicted positive}``."""
+        return {label: round(float(v), 6) for label, v in zip(spec.labels, divide(mix, rows))}
+
     def empty_statistics(self, spec: "HeadSpec") -> Stats:
         k = spec.num_labels
         return {"tp": zeros(k), "fp": zeros(k), "fn": zeros(k), "tn": zeros(k), "exact": zeros(), "rows": zeros(),

@@ -17,7 +17,8 @@ class EvalConfig:
         model: Saved model directory; empty: the embedded default model.
         predictions: A scoring job's output directory, evaluated instead of scoring ``data``.
         labels: Parquet with ``id_column`` and label columns, joined to ``predictions``.
-        output: Report directory (report.json, report.md, one confusion-matrix PNG per head).
+        output: Report directory (report.json, report.md, one confusion-matrix PNG per head, one
+            reliability-diagram PNG per calibratable head).
         label_columns: ``{head: column}``; empty: every head that has a column of its own name.
         text_columns: Text columns of ``data``.
         id_column: Join key of ``predictions`` and ``labels``.
@@ -32,7 +33,7 @@ class EvalConfig:
         tune_thresholds: Report the F1-maximising threshold per label of binary/multilabel heads.
         threshold_bins: Resolution of threshold tuning (bins over [0, 1]).
         save_tuned_model: If set, write a copy of the model with the tuned thresholds here.
-        plots: Write confusion-matrix PNGs.
+        plots: Write the confusion-matrix and reliability-diagram PNGs.
         progress: Ray Data progress bars.
     """
 

@@ -13,12 +13,13 @@ import numpy as np
 import pyarrow as pa
 
 from mtcls import HeadSpec, MultiTaskConfig
+from mtcls.inference import uncalibrated_key
 from pipelines.artifacts import export_model, localize_model, model_identity
 from pipelines.config import ConfigError, config_to_dict
 from pipelines.demo.corpus import default_corpus_dir
 from pipelines.demo.default_model import default_model_dir
 from pipelines.evaluate.config import EvalConfig
-from pipelines.evaluate.report import plot_confusion, report_markdown
+from pipelines.evaluate.report import plot_confusion, plot_reliability, report_markdown
 from pipelines.evaluate.statistics import (
     _HAS_LABELS, _HAS_PRED, _predictions_stats, block_statistics, build_report, merge_block_statistics,
     resolve_label_columns,
@@ -52,7 +53,9 @@ class _EvalActor:
         scored = np.zeros(batch.num_rows, dtype=bool)
         scored[rows[good]] = True
         probs = {name: p[good] for name, p in probs.items()}
-        stats = block_statistics(batch, self.specs, self.label_columns, probs, scored, self.slice_by, self.bins)
+        # The engine was made with_uncalibrated: heads with a temperature also come without it.
+        uncalibrated = {s.name: probs.pop(uncalibrated_key(s.name)) for s in self.specs if uncalibrated_key(s.name) in probs}
+        stats = block_statistics(batch, self.specs, self.label_columns, probs, scored, self.slice_by, self.bins, uncalibrated)
         stats["device"] = self.device
         return pa.table({"stats": [json.dumps(stats)]})
 
@@ -108,7 +111,7 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_files_ref: Any, 
             files_ref=model_files_ref, specs=[s.to_dict() for s in specs], label_columns=label_columns,
             text_columns=cfg.text_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins,
             max_length=max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision,
-            torch_threads=plan.torch_threads,
+            torch_threads=plan.torch_threads, with_uncalibrated=True,
         ),
         batch_size=cfg.block_rows, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
@@ -185,6 +188,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 local = str(Path(tmp) / f"{head}_confusion.png")
                 plot_confusion(head, rep, local)
                 out.fs.put(local, out.join(f"{head}_confusion.png").path)
+            for head, cal in report["calibration"].items():
+                local = str(Path(tmp) / f"{head}_reliability.png")
+                plot_reliability(head, cal, local)
+                out.fs.put(local, out.join(f"{head}_reliability.png").path)
     if cfg.save_tuned_model:
         if model_dir is None:
             raise ConfigError("key 'save_tuned_model': needs a model (evaluate with data + model)")

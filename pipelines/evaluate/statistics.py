@@ -8,18 +8,22 @@ Two sources of predictions:
 
 Every block yields integer counts (and float sums for distribution heads) per head and per slice;
 they add up to exactly the statistics of the whole set, whatever the number of blocks, files or nodes.
+Calibration is measured the same way: per calibratable head, per reliability pair and confidence
+bin, the entries and the sums of confidence and outcome (:func:`mtcls.calibration.reliability_statistics`),
+of the scores as output and, where the actor also has them, of the scores without the temperature.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 
 from mtcls import HeadSpec, encode_labels, head_report, head_statistics, merge_statistics
+from mtcls.calibration import DEFAULT_ECE_BINS, ece_from_reliability, reliability_curve, reliability_statistics
 from mtcls.metrics import empty_statistics, statistics_from_lists, statistics_to_lists
 from mtcls.thresholds import best_thresholds, threshold_histograms
 from pipelines.config import ConfigError
@@ -71,8 +75,11 @@ def block_statistics(
     scored: np.ndarray,
     slice_by: list[str],
     bins: int,
+    uncalibrated: Optional[dict[str, np.ndarray]] = None,
 ) -> dict[str, Any]:
-    """Statistics of one block: per slice, per head, counts and threshold histograms.
+    """Statistics of one block: per slice, per head, counts and threshold histograms; on the whole
+    block also per calibratable head the reliability statistics (``reliability``, and
+    ``reliability_uncalibrated`` for the heads in ``uncalibrated``).
 
     Args:
         batch: The block (label and slice columns).
@@ -82,6 +89,8 @@ def block_statistics(
         scored: (N,) bool, rows that have predictions.
         slice_by: Slice columns.
         bins: Threshold histogram bins.
+        uncalibrated: ``{head: probabilities without its temperature}`` (scored rows, like
+            ``probs``) for heads that have a temperature; None when not known.
 
     Returns:
         A JSON-able dict; :func:`merge_block_statistics` adds such dicts.
@@ -97,6 +106,11 @@ def block_statistics(
             entry[head] = {"stats": statistics_to_lists(head_statistics(spec, labels[head][m], probs[head][m]))}
             if spec.impl.tunable and key == ALL:
                 entry[head]["hist"] = {k: v.tolist() for k, v in threshold_histograms(spec, labels[head][m], probs[head][m], bins).items()}
+            if spec.impl.calibratable and key == ALL:
+                entry[head]["reliability"] = reliability_statistics(spec, probs[head][m], labels[head][m], DEFAULT_ECE_BINS).tolist()
+                if uncalibrated and head in uncalibrated:
+                    entry[head]["reliability_uncalibrated"] = reliability_statistics(
+                        spec, uncalibrated[head][m], labels[head][m], DEFAULT_ECE_BINS).tolist()
         out["slices"][key] = entry
     return out
 
@@ -117,6 +131,10 @@ def merge_block_statistics(specs: list[HeadSpec], blocks: list[dict[str, Any]]) 
                 if "hist" in parts:
                     hist = {k: np.asarray(v, dtype=np.int64) for k, v in parts["hist"].items()}
                     cur["hist"] = hist if "hist" not in cur else {k: cur["hist"][k] + hist[k] for k in hist}
+                for rel in ("reliability", "reliability_uncalibrated"):
+                    if rel in parts:
+                        value = np.asarray(parts[rel], dtype=np.float64)
+                        cur[rel] = value if rel not in cur else cur[rel] + value
     return total
 
 
@@ -137,6 +155,33 @@ def probabilities_from_predictions(batch: pa.Table, specs: list[HeadSpec], heads
     return probs, scored
 
 
+#: Why a head with a temperature has no ECE without it (the join path reads calibrated scores only).
+NO_UNCALIBRATED = ("without temperature: not available, a scored table holds only the calibrated scores "
+                   "(evaluate data= with model= for both)")
+NO_TEMPERATURE = "no temperature"
+
+
+def calibration_summary(spec: HeadSpec, parts: dict[str, Any]) -> dict[str, Any]:
+    """One calibratable head's ECE and reliability diagram points, from its merged ``parts``.
+
+    ``ece`` is of the scores as the model outputs them (with its ``temperature``, if any);
+    ``ece_without_temperature`` of the same rows' probabilities without it (None, with a ``note``,
+    for a head without a temperature or when the uncalibrated scores were not available).
+    """
+    out: dict[str, Any] = {"temperature": spec.temperature, "bins": DEFAULT_ECE_BINS,
+                           "ece": ece_from_reliability(parts["reliability"]), "ece_without_temperature": None}
+    if spec.temperature is None:
+        out["note"] = NO_TEMPERATURE
+    elif "reliability_uncalibrated" in parts:
+        out["ece_without_temperature"] = ece_from_reliability(parts["reliability_uncalibrated"])
+    else:
+        out["note"] = NO_UNCALIBRATED
+    out["reliability"] = reliability_curve(parts["reliability"])
+    if "reliability_uncalibrated" in parts:
+        out["reliability_without_temperature"] = reliability_curve(parts["reliability_uncalibrated"])
+    return out
+
+
 def build_report(specs: list[HeadSpec], totals: dict[str, Any], label_columns: dict[str, str], tune: bool) -> dict[str, Any]:
     """The report dict (report.json) from merged statistics."""
     by_spec = {s.name: s for s in specs}
@@ -153,6 +198,7 @@ def build_report(specs: list[HeadSpec], totals: dict[str, Any], label_columns: d
         report["threshold_tuning"] = {
             h: best_thresholds(by_spec[h], parts["hist"]) for h, parts in overall.items() if "hist" in parts
         }
+    report["calibration"] = {h: calibration_summary(by_spec[h], parts) for h, parts in overall.items() if "reliability" in parts}
     slices: dict[str, dict[str, Any]] = {}
     for key, entry in totals["slices"].items():
         if key == ALL:

@@ -62,8 +62,10 @@ def assemble(schema: pa.Schema, batch: pa.Table, scored: np.ndarray, columns: di
         elif field.name == ERROR_COLUMN:
             arrays.append(errors)
         elif field.name == TRUNCATED_COLUMN:
-            truncated = batch.column(TRUNCATED_COLUMN).to_numpy(zero_copy_only=False).astype(bool)
-            arrays.append(pa.array(truncated, pa.bool_(), mask=~scored))
+            column = batch.column(TRUNCATED_COLUMN)  # null: unknown (heads-only scoring of an input without it)
+            truncated = column.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+            unknown = column.is_null().to_numpy(zero_copy_only=False)
+            arrays.append(pa.array(truncated, pa.bool_(), mask=~scored | unknown))
         else:
             arrays.append(batch.column(field.name).cast(field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -81,13 +83,15 @@ class InferenceActor:
         precision: See :mod:`mtcls.precision`.
         embedding_dtype: ``float32`` or ``float16``: also write the pooled features as the
             ``embedding`` column; None: no embeddings.
+        heads: Only these heads (the ``heads`` key); None: every head.
     """
 
     def __init__(self, files_ref: list, schema: pa.Schema, max_length: int, max_tokens_per_batch: int,
-                 torch_threads: int, precision: str = "auto", embedding_dtype: str | None = None) -> None:
+                 torch_threads: int, precision: str = "auto", embedding_dtype: str | None = None,
+                 heads: list[str] | None = None) -> None:
         self.engine, self._copy = load_shipped_engine(
             files_ref, torch_threads=max(1, torch_threads), precision=precision, max_length=max_length,
-            max_tokens_per_batch=max_tokens_per_batch or None)
+            max_tokens_per_batch=max_tokens_per_batch or None, heads=heads)
         self.schema = schema
         self.embedding_dtype = embedding_dtype
         self.precision = f"{self.engine.precision.name}\t{self.engine.precision.reason}"

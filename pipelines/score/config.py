@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from mtcls.profile import DEFAULT_DRIFT_THRESHOLD
 from pipelines.config import ConfigError, check_inference_precision, require_at_least
 
 #: Allowed ``embedding_dtype`` values.
@@ -26,6 +28,16 @@ class ScoreConfig:
             The encoder's identity (weights hash, pooling, max length) goes into the metadata.
         embedding_dtype: Element type of the ``embedding`` column: ``float32`` or ``float16``
             (half the bytes).
+        from_embeddings: Heads-only scoring: ``input`` is a table with an ``embedding`` column (an
+            output of ``embeddings=true``) and only the heads run, on those vectors: no tokenizer,
+            no encoder, CPU actors even on a GPU cluster. The encoder identity recorded in the
+            input's metadata must match the model's encoder. ``text_columns`` and
+            ``max_tokens_per_batch`` are not used; ``precision`` must be ``auto`` or ``fp32`` (the
+            heads run at fp32); ``truncated`` is copied from the input (null if it has none); rows
+            with a null vector get an ``error`` (``no embedding: ...``). With ``embeddings=true``
+            the vectors are copied into the output.
+        heads: Score only these heads of the model (only their columns are written; heads they
+            read through ``inputs_from`` still run); empty: every head.
         max_length: Token limit per row; 0 uses the model's ``max_seq_length``.
         max_tokens_per_batch: Token budget per forward pass (rows x longest row, after
             length-sorting each block); 0 picks the device's default (2048 on CPU, 65536 on GPU).
@@ -43,6 +55,14 @@ class ScoreConfig:
             ``min(15, lock_timeout_s / 4)`` seconds).
         overwrite: Delete any existing output first (otherwise a rerun resumes).
         progress: Show Ray Data progress bars.
+        profile: Record each head's prediction profile (prediction mix, score histogram; see
+            ``mtcls.profile``) per output file, merged into the manifest's ``profile``, and compare
+            it with the model's reference profile (``drift``).
+        drift_threshold: A head whose prediction-mix PSI against the model's reference profile
+            exceeds this is flagged in the manifest's ``drift`` and logged (0.2: the usual
+            "significant shift" level).
+        fail_on_drift: After writing everything and ``_SUCCESS``, exit non-zero when a head is
+            flagged, so a scheduler can alert.
     """
 
     input: str = ""
@@ -53,6 +73,8 @@ class ScoreConfig:
     passthrough_columns: list[str] = field(default_factory=list)
     embeddings: bool = False
     embedding_dtype: str = "float32"
+    from_embeddings: bool = False
+    heads: list[str] = field(default_factory=list)
     max_length: int = 0
     max_tokens_per_batch: int = 0
     block_rows: int = 4096
@@ -65,11 +87,14 @@ class ScoreConfig:
     lock_timeout_s: float = 120.0
     overwrite: bool = False
     progress: bool = True
+    profile: bool = True
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+    fail_on_drift: bool = False
 
     def __post_init__(self) -> None:
         if not self.output:
             raise ConfigError("key 'output': an output directory is required")
-        if not self.text_columns:
+        if not self.text_columns and not self.from_embeddings:
             raise ConfigError("key 'text_columns': at least one text column is required")
         if not self.id_column:
             raise ConfigError("key 'id_column': an id column is required (rows are matched by id, never by order)")
@@ -79,10 +104,22 @@ class ScoreConfig:
         require_at_least(self, 0, "max_length", "max_tokens_per_batch", "num_actors", "torch_threads")
         if self.num_cpus_per_actor <= 0:
             raise ConfigError(f"key 'num_cpus_per_actor': must be > 0, got {self.num_cpus_per_actor}")
+        if self.from_embeddings and self.precision not in ("auto", "fp32"):
+            raise ConfigError(f"key 'precision': from_embeddings runs only the heads, at fp32 on CPU actors; "
+                              f"use auto or fp32, got {self.precision!r}")
+        if self.from_embeddings and self.num_gpus_per_actor > 0:
+            raise ConfigError("key 'num_gpus_per_actor': from_embeddings runs only the heads, on CPU actors; use 0 or -1")
+        if not all(isinstance(h, str) and h for h in self.heads) or len(set(self.heads)) != len(self.heads):
+            raise ConfigError(f"key 'heads': expected head names, each once, got {self.heads!r}")
         check_inference_precision(self)
+        if not (isinstance(self.drift_threshold, (int, float)) and math.isfinite(self.drift_threshold) and self.drift_threshold > 0):
+            raise ConfigError(f"key 'drift_threshold': must be a positive number, got {self.drift_threshold!r}")
+        if self.fail_on_drift and not self.profile:
+            raise ConfigError("key 'fail_on_drift': needs profile=true (drift is measured on the prediction profile)")
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise ConfigError(f"key 'embedding_dtype': expected one of {list(EMBEDDING_DTYPES)}, got {self.embedding_dtype!r}")
-        dup = [c for c in self.passthrough_columns if c == self.id_column or c in self.text_columns]
+        # from_embeddings reads no text: text_columns are not used, and may be passed through.
+        dup = [c for c in self.passthrough_columns if c == self.id_column or (c in self.text_columns and not self.from_embeddings)]
         if dup:
             raise ConfigError(f"key 'passthrough_columns': {dup} already in id_column or text_columns")
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import pyarrow.parquet as pq
 
+from mtcls.profile import Profile, merge_profiles
 from pipelines.score.records import COMMIT_KEY
 from pipelines.score.units import InputFile, Unit
 from pipelines.storage import InputError, Location
@@ -56,6 +57,10 @@ class Verification:
     rows_truncated: int = 0
     duplicates_removed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: The merged prediction profile of the files that carry one (:mod:`mtcls.profile`).
+    profile: Profile = field(default_factory=dict)
+    #: Rows of files committed without a profile (profiles off, or an older mtcls).
+    rows_unprofiled: int = 0
 
 
 class OutputDir:
@@ -195,6 +200,8 @@ class OutputDir:
         result.rows_out = sum(f.rows for f in result.files)
         result.rows_error = sum(f.commit["errors"] for f in result.files)
         result.rows_truncated = sum(f.commit["truncated"] for f in result.files)
+        result.profile = merge_profiles([f.commit["profile"] for f in result.files if "profile" in f.commit])
+        result.rows_unprofiled = sum(f.rows for f in result.files if "profile" not in f.commit)
         return result
 
 

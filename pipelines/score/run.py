@@ -6,6 +6,9 @@
       -> write + commit              CPU tasks          (pipelines.score.stages)
       -> the driver counts committed rows as they come, then verifies the output from disk
 
+With ``from_embeddings`` (heads only), the first two stages read an earlier output's ``embedding``
+column and run only the heads on CPU actors (:mod:`pipelines.score.heads_only`); the rest is the same.
+
 The output directory and its commit metadata are described in :mod:`pipelines.score.output`. A
 kill at any moment loses only the rows in flight: a rerun skips every row already committed.
 """
@@ -21,6 +24,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from mtcls import MultiTaskConfig, MultiTaskModel, encoder_identity, text_separator
+from mtcls.profile import load_reference
 from pipelines.artifacts import localize_model, model_identity
 from pipelines.inference import shipped_model_files
 from pipelines.demo.corpus import default_corpus_dir
@@ -29,10 +33,13 @@ from pipelines.resources import ScoringPlan, plan_scoring
 from pipelines.runtime import init_ray
 from pipelines.score.actor import InferenceActor
 from pipelines.score.config import ScoreConfig
+from pipelines.score.drift import drift_section, profile_section
 from pipelines.score.lock import OutputLock
 from pipelines.score.output import OutputDir, Verification
 from pipelines.score.records import checksum_file
-from pipelines.score.schema import embedding_type, output_schema
+from pipelines.score.heads_only import (EmbeddingSource, HeadsActor, check_apart, check_embedding_input, input_errors_unwrapped,
+                                        read_embeddings)
+from pipelines.score.schema import embedding_type, output_schema, selected_heads
 from pipelines.score.stages import PRECISION, ROW, UNIT, read_and_tokenize, write_units
 from pipelines.score.units import InputFile, plan_units
 from pipelines.storage import inspect_parquet, list_parquet_files, locate, write_json
@@ -64,13 +71,16 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     in_loc, out_loc = locate(cfg.input), locate(cfg.output)
     files = list_parquet_files(in_loc)
     passthrough = [cfg.id_column, *cfg.passthrough_columns]
-    needed = list(dict.fromkeys([*passthrough, *cfg.text_columns]))
-    in_schema, _ = inspect_parquet(in_loc, files, needed)
     model_config = MultiTaskConfig.from_pretrained(model_dir)
+    specs = selected_heads(model_config.head_specs(), cfg.heads)
+    # Heads-only (from_embeddings): the input's vectors must come from the model's encoder.
+    source = _embedding_source(cfg, in_loc, out_loc, files, model_dir, model_config) if cfg.from_embeddings else None
+    needed = list(dict.fromkeys([*passthrough, *(cfg.text_columns if source is None else [])]))
+    in_schema, _ = inspect_parquet(in_loc, files, needed)
     identity = model_identity(model_dir, model_uri)
-    encoder = _encoder_identity(cfg, model_dir, model_config) if cfg.embeddings else None
-    schema = output_schema(model_config.head_specs(), pa.schema([in_schema.field(c) for c in passthrough]),
-                           identity, cfg.text_columns,
+    encoder = source.encoder if source else _encoder_identity(cfg, model_dir, model_config) if cfg.embeddings else None
+    schema = output_schema(specs, pa.schema([in_schema.field(c) for c in passthrough]),
+                           identity, cfg.text_columns if source is None else source.text_columns,
                            embedding=embedding_type(model_config.hidden_size, cfg.embedding_dtype) if cfg.embeddings else None,
                            encoder_identity=encoder)
     units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
@@ -101,7 +111,11 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         manifest["resources"] = vars(plan)
         manifest["precision"] = {"requested": cfg.precision, "used_this_run": used}
         # Scores are the heads' probabilities of logits / temperature (mtcls.calibration); none: uncalibrated.
-        manifest["calibration"] = {s.name: s.temperature for s in model_config.head_specs() if s.temperature is not None}
+        manifest["calibration"] = {s.name: s.temperature for s in output_heads(model_config, schema) if s.temperature is not None}
+        if cfg.profile:
+            heads = output_heads(model_config, schema)
+            manifest["profile"] = profile_section(heads, verification)
+            manifest["drift"] = drift_section(heads, verification, load_reference(model_dir), cfg.drift_threshold, model_uri)
         write_json(out_loc.join("_manifest.json"), manifest)
         if verification.problems or manifest["rows_out"] != manifest["rows_in"]:
             raise RuntimeError(
@@ -112,6 +126,11 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         with out_loc.fs.open(success.path, "w") as fh:
             fh.write("")
     return manifest
+
+
+def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
+    """The model's heads that have columns in the output schema."""
+    return [h for h in model_config.head_specs() if f"{h.name}_probs" in schema.names]
 
 
 def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list, inputs: dict[str, InputFile], in_loc: Any, out: OutputDir,
@@ -130,10 +149,8 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
+    ctx.raise_original_map_exception = True  # a stage's InputError (heads only: a vector's width) stays one
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tok_files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
-    digest = hashlib.sha1(b"".join(tok_files[k] for k in sorted(tok_files))).hexdigest()
     files = list(inputs)
     file_index = {p: i for i, p in enumerate(files)}
     unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in units]
@@ -141,30 +158,44 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, pa.string())]
     carried = pa.schema(list(schema) + internal, metadata=schema.metadata)
     max_length = cfg.max_length or model_config.max_seq_length
+    embedding_dtype = cfg.embedding_dtype if cfg.embeddings else None
 
     ds = ray.data.from_items([{"unit": index[u.key]} for u in pending], override_num_blocks=len(pending))
+    if cfg.from_embeddings:  # heads only: vectors instead of token ids, no tokenizer, no encoder
+        ds = ds.map_batches(
+            read_embeddings, batch_size=1, batch_format="numpy", num_cpus=plan.cpu_stage_cpus,
+            fn_kwargs=dict(units=unit_dicts, in_fs=in_loc.fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns])),
+                           width=model_config.hidden_size, uris=[inputs[p].uri for p in files]),
+        )
+        actor, actor_kwargs = HeadsActor, dict(files_ref=[ray.put(model_files)], schema=carried, torch_threads=plan.torch_threads,
+                                               heads=cfg.heads or None, embedding_dtype=embedding_dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tok_files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
+        digest = hashlib.sha1(b"".join(tok_files[k] for k in sorted(tok_files))).hexdigest()
+        ds = ds.map_batches(
+            read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=plan.cpu_stage_cpus,
+            fn_kwargs=dict(units=unit_dicts, in_fs=in_loc.fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
+                           text_columns=cfg.text_columns, separator=text_separator(model_config, tokenizer),
+                           max_length=max_length, tokenizer_ref=[ray.put((tok_files, digest))]),
+        )
+        actor, actor_kwargs = InferenceActor, dict(files_ref=[ray.put(model_files)], schema=carried, max_length=max_length,
+                                                   max_tokens_per_batch=cfg.max_tokens_per_batch, torch_threads=plan.torch_threads,
+                                                   precision=cfg.precision, embedding_dtype=embedding_dtype, heads=cfg.heads or None)
     ds = ds.map_batches(
-        read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=plan.cpu_stage_cpus,
-        fn_kwargs=dict(units=unit_dicts, in_fs=in_loc.fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
-                       text_columns=cfg.text_columns, separator=text_separator(model_config, tokenizer),
-                       max_length=max_length, tokenizer_ref=[ray.put((tok_files, digest))]),
-    )
-    ds = ds.map_batches(
-        InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], schema=carried, max_length=max_length,
-                                   max_tokens_per_batch=cfg.max_tokens_per_batch, torch_threads=plan.torch_threads,
-                                   precision=cfg.precision, embedding_dtype=cfg.embedding_dtype if cfg.embeddings else None),
+        actor, batch_size=cfg.block_rows, batch_format="pyarrow", fn_constructor_kwargs=actor_kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
     ds = ds.map_batches(
         write_units, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=plan.cpu_stage_cpus,
         fn_kwargs=dict(units=unit_dicts, schema=schema, out_fs=out.loc.fs, out_root=out.loc.path, staging=out.staging.path,
-                       input_uris=[inputs[p].uri for p in files], fingerprints=[inputs[p].fingerprint for p in files]),
+                       input_uris=[inputs[p].uri for p in files], fingerprints=[inputs[p].fingerprint for p in files],
+                       profile_heads=[h.to_dict() for h in output_heads(model_config, schema)] if cfg.profile else None),
     )
     total = sum(u.pending_rows for u in pending)
     done, started, last, used = 0, time.time(), time.time(), {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in input_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
         done += int(sum(batch.column("rows").to_pylist()))
         for entry in set("\n".join(batch.column("precision").to_pylist()).splitlines()):
             name, why = entry.split("\t", 1)
@@ -175,6 +206,14 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
             log.info("committed %d of %d rows (%.0f%%), %.0f rows/s, about %.0f s left", done, total,
                      100 * done / max(total, 1), rate, (total - done) / max(rate, 1e-9))
     return done, used
+
+
+def _embedding_source(cfg: ScoreConfig, in_loc: Any, out_loc: Any, files: list[str], model_dir: Any,
+                      model_config: MultiTaskConfig) -> EmbeddingSource:
+    """Heads-only scoring's checks before any work (:mod:`pipelines.score.heads_only`)."""
+    check_apart(in_loc, files, out_loc)
+    model_encoder = encoder_identity(MultiTaskModel.from_pretrained(model_dir))
+    return check_embedding_input(in_loc, files, model_encoder, model_config.hidden_size, cfg.max_length)
 
 
 def _encoder_identity(cfg: ScoreConfig, model_dir: Any, model_config: MultiTaskConfig) -> dict[str, Any]:

@@ -25,6 +25,21 @@ def head_fields(spec: HeadSpec) -> list[pa.Field]:
     return [pa.field(name, arrow_type) for name, arrow_type in output_columns(spec)]
 
 
+def selected_heads(specs: list[HeadSpec], names: list[str]) -> list[HeadSpec]:
+    """The heads a job outputs (the ``heads`` key; empty: all), in the model's order.
+
+    Raises:
+        ConfigError: Naming the key, the unknown heads and the model's heads.
+    """
+    from pipelines.config import ConfigError
+
+    known = [s.name for s in specs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"key 'heads': unknown head(s) {unknown}; the model's heads: {known}")
+    return [s for s in specs if not names or s.name in names]
+
+
 def embedding_type(hidden_size: int, dtype: str) -> pa.DataType:
     """The ``embedding`` column's type: ``fixed_size_list<float32 or float16, hidden_size>``."""
     return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), hidden_size)

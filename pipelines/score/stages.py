@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtcls import tokenize_flat
+from mtcls import HeadSpec, tokenize_flat
+from mtcls.profile import Profile, profile
 from pipelines.inference import texts_from_columns
 from pipelines.score.records import COMMIT_KEY, ids_checksum, output_name, row_ranges
 from pipelines.score.schema import ERROR_COLUMN, TRUNCATED_COLUMN
@@ -67,16 +68,31 @@ def read_and_tokenize(batch: dict[str, np.ndarray], units: list[dict[str, Any]],
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[str], text_columns: list[str],
-                   separator: str, max_length: int, tokenizer: Any) -> pa.Table:
+def read_unit(unit: dict[str, Any], in_fs: Any, columns: list[str], optional: tuple[str, ...] = ()) -> tuple[pa.Table, np.ndarray]:
+    """A unit's rows not yet in the output (a resumed unit drops the rest), and their row numbers in the file.
+
+    Args:
+        unit: The unit (:meth:`pipelines.score.units.Unit.to_dict`).
+        in_fs: The input filesystem.
+        columns: Columns to read.
+        optional: Further columns, read only where the file has them.
+    """
     with in_fs.open(unit["path"], "rb") as fh:
-        table = pq.ParquetFile(fh).read_row_groups(unit["row_groups"], columns=columns)
+        pf = pq.ParquetFile(fh)
+        extra = [c for c in optional if c in pf.schema_arrow.names and c not in columns]
+        table = pf.read_row_groups(unit["row_groups"], columns=[*columns, *extra])
     rows = np.arange(unit["first_row"], unit["first_row"] + table.num_rows, dtype=np.int64)
     keep = np.ones(table.num_rows, dtype=bool)
     for a, b in unit["done"]:
         keep[a - unit["first_row"]:b - unit["first_row"]] = False
     if not keep.all():
         table, rows = table.filter(pa.array(keep)), rows[keep]
+    return table, rows
+
+
+def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[str], text_columns: list[str],
+                   separator: str, max_length: int, tokenizer: Any) -> pa.Table:
+    table, rows = read_unit(unit, in_fs, columns)
     texts, ok, errors = texts_from_columns(table, text_columns, separator)
     tokens = tokenize_flat(tokenizer, texts, max_length)
     lengths = np.zeros(table.num_rows, dtype=np.int32)
@@ -101,19 +117,21 @@ def _tokenize_unit(unit: dict[str, Any], index: int, in_fs: Any, columns: list[s
 
 
 def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema, out_fs: Any, out_root: str,
-                staging: str, input_uris: list[str], fingerprints: list[str]) -> pa.Table:
+                staging: str, input_uris: list[str], fingerprints: list[str], profile_heads: Optional[list[dict]] = None) -> pa.Table:
     """Ray Data ``map_batches`` function: scored rows in, committed Parquet files out.
 
     Rows are grouped by unit; each group is written to staging and moved into place under a name
     derived from the unit and the exact rows it holds, so a retried task replaces its file instead
-    of adding a second copy. The file's metadata records the input file, its rows and the checksum
-    of the ids written.
+    of adding a second copy. The file's metadata records the input file, its rows, the checksum
+    of the ids written and, given ``profile_heads`` (head spec dicts), the prediction profile of
+    its scored rows (:mod:`mtcls.profile`).
 
     Returns:
         One row per file written: name, rows, errors, truncated rows, and the precision(s) used
         (``"<precision>\t<why>"``, several joined by newlines).
     """
     unit_col = batch.column(UNIT).to_numpy()
+    specs = [HeadSpec.from_dict(h) for h in profile_heads or []]
     records = []
     for index in np.unique(unit_col):
         part = batch.filter(pa.array(unit_col == index))
@@ -134,6 +152,8 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
             "precision": "\n".join(sorted(pc.unique(part.column(PRECISION)).to_pylist())),
         }
         table = pa.Table.from_arrays([part.column(f.name).cast(f.type) for f in schema], schema=schema)
+        if specs:
+            commit["profile"] = file_profile(table, specs)
         table = table.replace_schema_metadata({**(schema.metadata or {}), COMMIT_KEY: json.dumps(commit).encode()})
         tmp = posixpath.join(staging, f"{name}.{uuid.uuid4().hex[:8]}")
         with out_fs.open(tmp, "wb") as fh:
@@ -142,3 +162,9 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
         records.append({"file": name, **{k: commit[k] for k in ("rows", "errors", "truncated", "precision")}})
     return pa.Table.from_pylist(records, schema=pa.schema([("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
                                                            ("truncated", pa.int64()), ("precision", pa.string())]))
+
+
+def file_profile(table: pa.Table, specs: list[HeadSpec]) -> Profile:
+    """The prediction profile of an output table's scored rows (those without an ``error``)."""
+    scored = table.filter(table.column(ERROR_COLUMN).is_null())
+    return profile(specs, {s.name: s.impl.probabilities_from_columns(s, scored) for s in specs})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from mtcls import PRECISIONS, HeadSpec, HeadSpecError, get_kind, kind_names
 from mtcls.thresholds import DEFAULT_BINS
@@ -36,7 +36,13 @@ class TrainConfig:
         max_grad_norm: Gradient clipping (0 = off).
         precision: ``auto`` (GPU: bf16, or fp16 with loss scaling; CPU: bf16 where the CPU has
             native bf16, else fp32), ``fp32``, ``bf16`` (autocast on CPU too) or ``fp16``.
-        freeze_encoder: Train the heads only (card 004).
+        freeze_encoder: Train the heads only (card 004). The encoder stays in eval mode (no
+            dropout inside it): it is a fixed feature extractor.
+        cache_features: With ``freeze_encoder``, compute every row's pooled encoder features once
+            (a Ray Data stage before training, kept in the object store: rows x hidden size x 4
+            bytes) and train the heads on them; epochs then skip the encoder. Unset (null, the
+            default): on when ``freeze_encoder`` is. ``false`` runs the encoder every epoch
+            (same result); ``true`` without ``freeze_encoder`` is an error.
         early_stopping_patience: Stop after this many epochs without improvement (0 = off).
         best_metric: ``mean_macro_f1`` (card 002), ``<head>_macro_f1``, or for a multilabel head
             with ``tune_thresholds``, ``<head>_tuned_macro_f1``; the best epoch is exported.
@@ -77,6 +83,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     freeze_encoder: bool = False
+    cache_features: Optional[bool] = None
     early_stopping_patience: int = 0
     best_metric: str = "mean_macro_f1"
     tune_thresholds: bool = True
@@ -124,6 +131,9 @@ class TrainConfig:
             raise ConfigError(f"key 'precision': expected one of {train_precisions}{why}, got {self.precision!r}")
         if self.pooling not in ("mean", "cls"):
             raise ConfigError(f"key 'pooling': expected 'mean' or 'cls', got {self.pooling!r}")
+        if self.cache_features and not self.freeze_encoder:
+            raise ConfigError("key 'cache_features': features can be cached only for a frozen encoder "
+                              "(set freeze_encoder=true, or leave cache_features unset)")
         if self.threshold_bins < 2:
             raise ConfigError(f"key 'threshold_bins': must be >= 2, got {self.threshold_bins}")
         names = [h["name"] for h in self.heads]
@@ -132,6 +142,11 @@ class TrainConfig:
             allowed += [f"{h['name']}_tuned_macro_f1" for h in self.heads if get_kind(h["kind"]).tuned_in_training]
         if self.best_metric not in allowed:
             raise ConfigError(f"key 'best_metric': expected one of {allowed}, got {self.best_metric!r}")
+
+    @property
+    def cached(self) -> bool:
+        """Whether the heads train on cached features (``cache_features``, default ``freeze_encoder``)."""
+        return self.freeze_encoder if self.cache_features is None else self.cache_features
 
     def head_column(self, head: dict[str, Any]) -> str:
         return head.get("column") or head["name"]

@@ -36,6 +36,8 @@ from mtcls.kinds import mean_of_parts
 from mtcls.metrics import empty_statistics, merge_statistics
 from mtcls.modeling import MultiTaskOutput
 from mtcls.thresholds import best_thresholds, threshold_histograms
+from pipelines.train.features import FEATURES, LENGTH
+from pipelines.train.reference import reference_profiles
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,13 @@ def length_grouped(batches: Any, batch_size: int, seed: int) -> Any:
     Each incoming batch (a window of many training batches) is sorted by token count and cut into
     batches; their order is then shuffled. Batches pad to their longest row, so this removes most
     padding (short texts such as GoEmotions' comments) while every row is still seen once per epoch.
+    Rows of cached features carry their token count in ``length``, so they are cut into the same
+    batches as their token ids would be.
     """
     rng = np.random.default_rng(seed)
     for window in batches:
-        order = np.argsort([len(x) for x in window["input_ids"]], kind="stable")
+        lengths = window[LENGTH] if LENGTH in window else [len(x) for x in window["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for k in rng.permutation(len(chunks)):
             yield {key: value[chunks[k]] for key, value in window.items()}
@@ -194,9 +199,11 @@ def accumulate_gradients(model: MultiTaskModel, ddp_model: nn.Module, micro_batc
 
     Args:
         model: The model.
-        ddp_model: ``model`` or its DDP wrapper (gradients are only synchronised on the last micro-batch).
+        ddp_model: ``model`` or its DDP wrapper (gradients are only synchronised on the last
+            micro-batch); for cached features, :class:`FeatureHeads` of the model or its DDP wrapper.
         micro_batches: Dicts with ``input_ids``, ``attention_mask`` and ``labels`` (``{head: tensor}``,
-            every head), on the model's device.
+            every head), on the model's device; for cached features ``features`` (B, H) instead
+            of ``input_ids`` and ``attention_mask``.
         world: Number of workers; every worker calls this with the same number of micro-batches.
         scale: Applied to each loss before its backward pass (``GradScaler.scale``).
         amp_dtype: Autocast dtype, or None for full precision.
@@ -210,9 +217,11 @@ def accumulate_gradients(model: MultiTaskModel, ddp_model: nn.Module, micro_batc
         last = i == len(micro_batches) - 1
         sync = ddp_model.no_sync() if not last and isinstance(ddp_model, DistributedDataParallel) else contextlib.nullcontext()
         with sync:
-            device = batch["input_ids"].device
+            inputs = {"pooled": batch[FEATURES]} if FEATURES in batch else \
+                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            device = next(iter(inputs.values())).device
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+                out = ddp_model(**inputs, labels=batch["labels"])
             loss = step_loss(model, out.loss_parts, denominators, world)
             (scale(loss) if scale else loss).backward()
         outputs.append(out)
@@ -221,9 +230,24 @@ def accumulate_gradients(model: MultiTaskModel, ddp_model: nn.Module, micro_batc
 
 def micro_batch(batch: dict[str, np.ndarray], specs: list[HeadSpec], pad_id: int, device: torch.device) -> dict[str, Any]:
     """A training batch from the data shard as :func:`accumulate_gradients` takes it."""
-    ids, mask = pad_batch(batch["input_ids"], pad_id)
     labels = {s.name: s.impl.collate(s, np.stack(batch[f"y_{s.name}"])).to(device) for s in specs}
+    if FEATURES in batch:
+        return {FEATURES: torch.from_numpy(np.ascontiguousarray(batch[FEATURES], dtype=np.float32)).to(device), "labels": labels}
+    ids, mask = pad_batch(batch["input_ids"], pad_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels}
+
+
+class FeatureHeads(nn.Module):
+    """The model seen from cached features: ``(pooled, labels) -> MultiTaskOutput`` by
+    ``forward_heads``. A module of its own so that DDP wraps (and synchronises) this call; the
+    encoder inside is frozen, so DDP has no gradient of it to reduce."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pooled: torch.Tensor, labels: Optional[dict[str, torch.Tensor]] = None) -> MultiTaskOutput:
+        return self.model.forward_heads(pooled, labels)
 
 
 class Progress:
@@ -273,8 +297,11 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
             mine = np.flatnonzero(batch["row"] % world == rank)
             if not len(mine):
                 continue
-            ids, mask = pad_batch([batch["input_ids"][i] for i in mine], pad_id)
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            if FEATURES in batch:  # cached features: only the heads run
+                out = model.forward_heads(torch.from_numpy(np.ascontiguousarray(batch[FEATURES][mine], dtype=np.float32)).to(device))
+            else:
+                ids, mask = pad_batch([batch["input_ids"][i] for i in mine], pad_id)
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for spec in specs:
                 logits[spec.name].append(out.logits[spec.name].float().cpu())
                 labels[spec.name].append(np.stack([batch[f"y_{spec.name}"][i] for i in mine]))
@@ -311,6 +338,11 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
     for spec in tuned:
         reports[spec.name]["tuned_thresholds"] = _tuned_macro_f1(scored[spec.name], hists[spec.name])
         metrics[f"{spec.name}_tuned_macro_f1"] = reports[spec.name]["tuned_thresholds"]["macro_f1"]
+    # The heads as exported: fitted temperature, and thresholds tuned on the calibrated scores.
+    exported = [s.impl.with_thresholds(s, reports[s.name]["tuned_thresholds"]["thresholds"])
+                if "tuned_thresholds" in reports[s.name] else s for s in (scored[t.name] for t in specs)]
+    for name, prof in reference_profiles(exported, local, world).items():
+        reports[name]["profile"] = prof
     return {"metrics": metrics, "reports": reports}
 
 
@@ -368,7 +400,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.freeze_encoder()
     freeze_unused_pooler(model)
     model.to(device)
-    ddp_model = prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    # Cached features (pipelines.train.features): the shards hold pooled features; only the heads run.
+    trained = FeatureHeads(model) if config.get("cached_features") else model
+    ddp_model = prepare_model(trained, parallel_strategy="ddp" if world > 1 else None)
 
     optimizer = torch.optim.AdamW(param_groups(model, config["weight_decay"]), lr=config["learning_rate"])
     steps_per_epoch = math.ceil(config["train_rows"] / world / config["batch_size"] / config["gradient_accumulation"])
@@ -394,8 +428,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           config["threshold_bins"], config.get("calibrate", False))
         metrics = {"epoch": epoch, **train_metrics, **result["metrics"]}
         if rank == 0:
-            log.info("epoch %d/%d done in %.0f s: train loss %.4f; validation %s", epoch + 1, config["epochs"], train_seconds,
-                     metrics["train_loss"], ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+            log.info("epoch %d/%d done in %.1f s + %.1f s validation: train loss %.4f; validation %s", epoch + 1, config["epochs"],
+                     train_seconds, time.perf_counter() - start - train_seconds, metrics["train_loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
         score = metrics[config["best_metric"]]
         improved = state["best"] is None or score > state["best"]
         state.update(epoch=epoch, best=max(score, state["best"] or score), bad_epochs=0 if improved else state["bad_epochs"] + 1)
@@ -427,6 +462,10 @@ class _Trainer:
         windows = shard.iter_batches(batch_size=window, batch_format="numpy",
                                      local_shuffle_buffer_size=max(2048, window), local_shuffle_seed=cfg["seed"] + epoch)
         self.model.train()
+        if cfg["freeze_encoder"]:
+            # A frozen encoder is a fixed feature extractor: no dropout inside it (and then its
+            # features can be cached: pipelines.train.features).
+            self.model.encoder.eval()
         for group in in_groups(length_grouped(windows, cfg["batch_size"], cfg["seed"] + epoch), cfg["gradient_accumulation"]):
             micro_batches = [micro_batch(b, self.specs, cfg["pad_token_id"], self.device) for b in group]
             outputs = accumulate_gradients(self.model, self.ddp_model, micro_batches, self.world, self.scaler.scale, self.amp_dtype)
@@ -436,7 +475,7 @@ class _Trainer:
                 for name, value in out.head_losses.items():
                     sums[name] += value.item()
                 batches += 1
-                rows += len(batch["input_ids"])
+                rows += len(next(iter(batch["labels"].values())))
             if self.rank == 0:
                 progress.update(batches, rows, total_loss / batches)
         seconds = time.perf_counter() - start

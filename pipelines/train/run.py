@@ -2,7 +2,9 @@
 
 The output directory is what ``jobs.score`` loads as is: ``config.json`` + ``model.safetensors`` +
 the tokenizer, plus ``training_summary.json`` (per-epoch metrics and per-head reports) and one
-``<head>_training.png`` (loss and macro-F1 per epoch) per head.
+``<head>_training.png`` (loss and macro-F1 per epoch) per head, and ``reference_profile.json``:
+the exported model's prediction profile of the validation set (:mod:`pipelines.train.reference`),
+the reference that scoring measures drift against.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from mtcls import MultiTaskModel, default_encoder_path, text_separator
+from mtcls.profile import REFERENCE_FILE, reference_document
 from pipelines.artifacts import localize_model, read_model_files
 from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
 from pipelines.runtime import init_ray
@@ -28,6 +31,7 @@ from pipelines.storage import locate, write_json
 from pipelines.train.plots import plot_history
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import prepare_data
+from pipelines.train.features import cache_features
 from pipelines.train.loop import STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -108,12 +112,17 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
     log.info("training rows %d, validation rows %d, skipped (no text) %s", data.train.rows, data.validation.rows, data.skipped_rows)
 
     datasets = {"train": ray.data.from_arrow_refs(data.train.parts), "validation": ray.data.from_arrow_refs(data.validation.parts)}
+    init_files = [ray.put(read_model_files(work / "init"))]
+    feature_cache = None
+    if cfg.cached:  # a frozen encoder: its pooled features once, then epochs of heads only
+        datasets, feature_cache = cache_features(datasets, init_files, cfg.precision, cfg.use_gpu, cfg.num_workers)
     cpus = ray.cluster_resources().get("CPU", 1)
     storage = cfg.storage_path or os.path.abspath("outputs/ray_train")
     run_name = f"mtcls-{int(started)}"
     loop_config = {
         "specs": [s.to_dict() for s in data.specs],
-        "init_files": [ray.put(read_model_files(work / "init"))],
+        "init_files": init_files,
+        "cached_features": cfg.cached,
         "train_rows": data.train.rows,
         "pad_token_id": tokenizer.pad_token_id or 0,
         "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
@@ -184,8 +193,11 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         "optimizer_steps": optimizer_steps(final_state["optimizer"]),
         "train_examples_per_s": float(sum(h["train_examples_per_s"] for h in history) / len(history)),
         "seconds": time.time() - started,
+        "feature_cache": feature_cache,
         "ray_train_run": posixpath.join(storage, run_name),
     }
+    profiles = {h: r["profile"] for h, r in best_reports.items() if "profile" in r}
+    write_json(out.join(REFERENCE_FILE), reference_document(profiles, f"validation set, epoch {best_metrics['epoch']}"))
     write_json(out.join("training_summary.json"), summary)
     for spec in data.specs:
         local = str(work / f"{spec.name}_training.png")

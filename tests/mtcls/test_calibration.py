@@ -10,9 +10,12 @@ from mtcls import HeadSpec, HeadSpecError
 from mtcls.calibration import (
     calibrated_probabilities,
     calibration_report,
+    ece_from_reliability,
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    reliability_curve,
+    reliability_statistics,
 )
 from mtcls.inference import predict_probabilities
 from mtcls.modeling import head_probabilities
@@ -152,3 +155,20 @@ def test_engine_outputs_calibrated_scores_while_fusion_sees_uncalibrated_ones():
     np.testing.assert_allclose(scored["topic"], torch.softmax(plain_logits["topic"] / 0.5, -1).numpy(), atol=1e-6)
     np.testing.assert_array_equal(scored["sphere"], plain["sphere"])  # not calibrated
     np.testing.assert_array_equal(scored["type"].argmax(-1), plain["type"].argmax(-1))
+
+
+@pytest.mark.parametrize("spec", [BINARY, MULTICLASS, MULTILABEL, GROUPED])
+def test_reliability_statistics_of_parts_add_up_to_the_ece_of_the_whole(spec):
+    rng = np.random.default_rng(3)
+    probs = head_probabilities(spec, torch.randn(300, *spec.impl.logit_shape(spec)) * 3).numpy()
+    y = {"b": rng.integers(0, 2, 300), "m": rng.integers(0, 4, 300), "g": rng.integers(0, 3, (300, 2)),
+         "ml": (rng.random((300, 3)) < 0.4).astype(np.float32)}[spec.name]
+    y[:7] = -100  # unlabelled rows are left out
+    parts = [reliability_statistics(spec, probs[k], y[k]) for k in np.array_split(rng.permutation(300), 4)]
+    total = sum(parts)
+    assert ece_from_reliability(total) == pytest.approx(expected_calibration_error(spec, probs, y), rel=1e-12)
+    curve = reliability_curve(total)
+    entries = 293 * (spec.num_labels if spec is MULTILABEL else len(spec.groups) if spec is GROUPED else 1)
+    assert sum(curve["count"]) == entries and len(curve["count"]) == 15
+    assert all(c is None or lo <= c <= lo + 1 / 15 + 1e-12 for c, lo in zip(curve["confidence"], np.arange(15) / 15))
+    assert ece_from_reliability(np.zeros((1, 3, 15))) is None

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -10,10 +11,14 @@ from transformers import AutoTokenizer
 
 import mtcls
 from jobs import evaluate as evaluate_job
-from mtcls import HeadSpec
+from mtcls import HeadSpec, encode_labels
+from mtcls.calibration import expected_calibration_error
+from mtcls.inference import InferenceEngine, uncalibrated_key
 from pipelines.config import ConfigError
+from pipelines.evaluate.report import plot_reliability, report_markdown
+from pipelines.evaluate.statistics import NO_TEMPERATURE, NO_UNCALIBRATED, block_statistics, build_report, merge_block_statistics
 from pipelines.score.schema import output_schema
-from tests.conftest import ALL_KIND_HEADS
+from tests.conftest import ALL_KIND_HEADS, tiny_model
 
 SPECS = [HeadSpec.from_dict(h) for h in ALL_KIND_HEADS]
 BY = {s.name: s for s in SPECS}
@@ -106,6 +111,13 @@ def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_l
     assert sphere["kl_divergence"] == pytest.approx(kl, rel=1e-5)
     assert report["join"] == {"predictions_without_labels": 0, "labels_without_predictions": 0, "matched": n}
 
+    # Calibration of the table's scores (float32 in the table), summed over the shards' blocks.
+    assert set(report["calibration"]) == {"trust", "type", "tags", "topic"}  # distribution heads are not calibrated
+    for name, cal in report["calibration"].items():
+        direct = expected_calibration_error(BY[name], probs[name].astype(np.float32), encode_labels(BY[name], labels[name], on_unknown="mark"))
+        assert cal["ece"] == pytest.approx(direct, rel=1e-9)
+        assert cal["ece_without_temperature"] is None and cal["note"] == NO_TEMPERATURE
+
 
 def test_unmatched_rows_errors_slices_and_pngs(tmp_path, ray_local):
     ids, probs, labels = random_rows(120, seed=3)
@@ -124,25 +136,65 @@ def test_unmatched_rows_errors_slices_and_pngs(tmp_path, ray_local):
         img = Image.open(tmp_path / "report" / f"{spec.name}_confusion.png").convert("L")
         assert img.size[0] >= 600 and img.size[1] >= 300
         assert np.asarray(img).std() > 10  # not blank
+    for name in ("trust", "type", "tags", "topic"):
+        assert np.asarray(Image.open(tmp_path / "report" / f"{name}_reliability.png").convert("L")).std() > 10
+    assert not (tmp_path / "report" / "sphere_reliability.png").exists()
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert set(saved["threshold_tuning"]) == {"trust", "tags"}
+    assert "## Calibration" in md and "| type | no temperature |" in md
 
 
-def test_data_path_equals_direct_predictions_and_saves_tuned_thresholds(tmp_path, ray_local, tiny_model_dir):
+def calibrated_copy(model_dir, path):
+    """The tiny model with temperatures on four heads (the distribution head "sphere" has none)."""
+    model = mtcls.MultiTaskModel.from_pretrained(model_dir)
+    for name, t in TEMPERATURES.items():
+        model.set_head_spec(dataclasses.replace(model.specs[name], temperature=t))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    return path
+
+
+TEMPERATURES = {"trust": 0.25, "type": 0.2, "tags": 0.3}  # "topic" keeps none: its ECE is reported once
+
+
+def test_data_path_equals_direct_predictions_measures_calibration_and_saves_tuned_thresholds(tmp_path, ray_local, tiny_model_dir):
     ids, _, labels = random_rows(90, seed=5)
     texts = [f"review number {i} " + "word " * (i % 17) for i in range(90)]
     texts[4] = "   "  # not scorable: counted, not crashed on
     write_labels(tmp_path / "data.parquet", ids, labels, {"text": texts})
-    report = run_eval(tmp_path, f"data={tmp_path / 'data.parquet'}", f"model={tiny_model_dir}", "block_rows=16", "precision=fp32",
+    model_dir = calibrated_copy(tiny_model_dir, tmp_path / "calibrated")
+    report = run_eval(tmp_path, f"data={tmp_path / 'data.parquet'}", f"model={model_dir}", "block_rows=16", "precision=fp32",
                       f"save_tuned_model={tmp_path / 'tuned'}")
     assert report["rows_unscored"] == 1
-    model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
+    model = mtcls.MultiTaskModel.from_pretrained(model_dir)
     keep = [i for i in range(90) if i != 4 and labels["type"][i] in BY["type"].labels]
-    cols = mtcls.predict_texts(model, AutoTokenizer.from_pretrained(tiny_model_dir), [texts[i] for i in keep])
+    cols = mtcls.predict_texts(model, AutoTokenizer.from_pretrained(model_dir), [texts[i] for i in keep])
     y = [labels["type"][i] for i in keep]
     assert report["heads"]["type"]["accuracy"] == skm.accuracy_score(y, cols["type_label"])
     tuned = mtcls.MultiTaskConfig.from_pretrained(tmp_path / "tuned").head("tags")
     assert tuned.thresholds == report["threshold_tuning"]["tags"]["thresholds"]
+
+    # ECE with and without the temperature, from 6 blocks, equals the ECE of all scored rows at once.
+    scored = [i for i in range(90) if i != 4]
+    engine = InferenceEngine(model, AutoTokenizer.from_pretrained(model_dir), "fp32", with_uncalibrated=True)
+    probs, _ = engine.predict([texts[i] for i in scored])
+    cal = report["calibration"]
+    for name, spec in model.specs.items():
+        if name == "sphere":
+            assert name not in cal and not (tmp_path / "report" / f"{name}_reliability.png").exists()
+            continue
+        y = encode_labels(spec, [labels[name][i] for i in scored], on_unknown="mark")
+        assert cal[name]["temperature"] == TEMPERATURES.get(name)
+        assert cal[name]["ece"] == pytest.approx(expected_calibration_error(spec, probs[name], y), abs=1e-6)
+        if name in TEMPERATURES:
+            without = expected_calibration_error(spec, probs[uncalibrated_key(name)], y)
+            assert cal[name]["ece_without_temperature"] == pytest.approx(without, abs=1e-6)
+            assert abs(cal[name]["ece"] - without) > 0.01
+        else:
+            assert cal[name]["ece_without_temperature"] is None and cal[name]["note"] == NO_TEMPERATURE
+        assert (tmp_path / "report" / f"{name}_reliability.png").stat().st_size > 10_000
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"| type | 0.2 | {cal['type']['ece']:.4f} | {cal['type']['ece_without_temperature']:.4f} | `type_reliability.png` |" in md
 
 
 def test_bad_evaluation_configs(tmp_path, ray_local, tiny_model_dir):
@@ -154,3 +206,54 @@ def test_bad_evaluation_configs(tmp_path, ray_local, tiny_model_dir):
         run_eval(tmp_path, f"predictions={tmp_path}")
     with pytest.raises(ConfigError, match="give one source"):
         run_eval(tmp_path, f"predictions={tmp_path}", f"data={tmp_path}", "labels=x")
+
+
+def test_reliability_statistics_of_blocks_merge_into_the_ece_of_all_rows(tmp_path, tokenizer):
+    model = tiny_model()
+    for name, t in TEMPERATURES.items():
+        model.set_head_spec(dataclasses.replace(model.specs[name], temperature=t))
+    specs = list(model.specs.values())
+    ids, _, labels = random_rows(120, seed=11)
+    probs, _ = InferenceEngine(model, tokenizer, "fp32", with_uncalibrated=True).predict([f"text {i} " + "w " * (i % 9) for i in range(120)])
+    # The engine's uncalibrated scores are the heads' probabilities without the temperature (one forward pass).
+    plain, _ = InferenceEngine(tiny_model(), tokenizer, "fp32").predict([f"text {i} " + "w " * (i % 9) for i in range(120)])
+    assert set(probs) == {s.name for s in specs} | {uncalibrated_key(n) for n in TEMPERATURES}
+    uncalibrated = {n: probs.pop(uncalibrated_key(n)) for n in TEMPERATURES}
+    for name in TEMPERATURES:
+        np.testing.assert_allclose(uncalibrated[name], plain[name], atol=1e-6)
+        assert not np.allclose(probs[name], plain[name], atol=1e-3)
+
+    table = pa.table(labels)
+    columns = {s.name: s.name for s in specs}
+    parts = np.array_split(np.random.default_rng(0).permutation(120), 5)  # uneven blocks, rows out of order
+    ones = lambda k: np.ones(len(k), bool)  # noqa: E731
+    blocks = [json.loads(json.dumps(block_statistics(table.take(k), specs, columns, {n: p[k] for n, p in probs.items()}, ones(k), [], 20,
+                                                     {n: p[k] for n, p in uncalibrated.items()}))) for k in parts]
+    report = build_report(specs, merge_block_statistics(specs, blocks), columns, tune=False)
+    cal = report["calibration"]
+    assert set(cal) == {"trust", "type", "tags", "topic"}
+    for spec in specs[:4]:
+        y = encode_labels(spec, labels[spec.name], on_unknown="mark")
+        assert cal[spec.name]["ece"] == pytest.approx(expected_calibration_error(spec, probs[spec.name], y), rel=1e-12)
+        if spec.name in TEMPERATURES:
+            direct = expected_calibration_error(spec, uncalibrated[spec.name], y)
+            assert cal[spec.name]["ece_without_temperature"] == pytest.approx(direct, rel=1e-12)
+            assert abs(cal[spec.name]["ece"] - direct) > 0.01
+            assert sum(cal[spec.name]["reliability_without_temperature"]["count"]) == sum(cal[spec.name]["reliability"]["count"])
+    n_type = sum(1 for v in labels["type"] if v in BY["type"].labels)
+    assert sum(cal["type"]["reliability"]["count"]) == n_type  # one top-label entry per labelled row
+    assert sum(cal["tags"]["reliability"]["count"]) == 120 * 3  # one entry per label of every row
+
+    # A scored table holds only calibrated scores: the ECE without the temperature is not claimed.
+    joined = [json.loads(json.dumps(block_statistics(table.take(k), specs, columns, {n: p[k] for n, p in probs.items()}, ones(k), [], 20)))
+              for k in parts]
+    table_cal = build_report(specs, merge_block_statistics(specs, joined), columns, tune=False)["calibration"]
+    assert table_cal["type"]["ece"] == cal["type"]["ece"]
+    assert table_cal["type"]["ece_without_temperature"] is None and table_cal["type"]["note"] == NO_UNCALIBRATED
+    assert table_cal["topic"]["note"] == NO_TEMPERATURE
+
+    md = report_markdown({**report, "model": {"uri": "m"}})
+    assert "| topic | no temperature |" in md and "| trust | 0.25 |" in md
+    plot_reliability("type", cal["type"], str(tmp_path / "type.png"))
+    img = np.asarray(Image.open(tmp_path / "type.png").convert("L"))
+    assert img.shape[0] >= 600 and img.std() > 10

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 import mtcls
+from mtcls.profile import merge_profiles, reference_document
 from pipelines.config import ConfigError, load_config
 from pipelines.resources import plan_resources
 from pipelines.score import ScoreConfig, run_score
@@ -73,6 +75,15 @@ def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_lo
             assert [list(v) if isinstance(v, np.ndarray) else v for v in got] == list(direct[column]), column
     assert out["truncated"].sum() == sum(len(texts[i].split()) > 30 for i in ids) > 0
     assert out["error"].isna().all() and (out["source"] == "a").all()
+    # The profile, merged over files and blocks, is the mix of the output's own label columns.
+    profile = manifest["profile"]
+    assert profile["rows"] == 70 and profile["error_rate"] == 0 and profile["truncated_rate"] == pytest.approx(out["truncated"].mean())
+    shares = out["type_label"].value_counts(normalize=True)
+    assert profile["heads"]["type"]["prediction_mix"] == {l: pytest.approx(shares.get(l, 0.0)) for l in ["news", "opinion", "ad"]}
+    assert profile["heads"]["type"]["mean_score"] == pytest.approx(out["type_score"].mean(), abs=1e-6)
+    assert profile["heads"]["tags"]["prediction_mix"]["x"] == pytest.approx(out["tags_labels"].map(lambda v: "x" in v).mean())
+    assert profile["heads"]["topic"]["prediction_mix"]["race"]["pos"] == pytest.approx((out["topic_race_label"] == "pos").mean())
+    assert manifest["drift"]["reference"] is False and manifest["drift"]["flagged"] == []
     # Self-describing: labels and model identity in the schema metadata, columns in documented order.
     schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
     meta = json.loads(schema.metadata[b"mtcls"])
@@ -142,7 +153,7 @@ def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, ti
     for k in range(3):
         ids |= set(write_corpus(tmp_path / "in" / f"p{k}.parquet", 20, start=20 * k))
     out = tmp_path / "out"
-    score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), rows_per_file=20)
+    _, first = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), rows_per_file=20)
     files = _parts(out)
     assert len(files) >= 3
     # A kill before the last files were committed: they are missing, staging holds a half-written file.
@@ -157,9 +168,16 @@ def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, ti
     table = pd.read_parquet(cfg.output)
     assert len(table) == 60 and set(table["id"]) == ids and table["id"].is_unique
     assert not any((out / "_mtcls" / "staging").iterdir()) and (out / "_SUCCESS").exists()
+    assert manifest["profile"] == first["profile"]  # merged from the files on disk, whichever run wrote them
 
-    # A no-op rerun (with another unit size) changes nothing, and the manifest on disk says so.
-    _, again = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), rows_per_file=7)
+    # A no-op rerun (with another unit size) changes nothing, and the manifest on disk says so. Its
+    # model's reference profile is this output's own: no drift on any head.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    own = merge_profiles([json.loads(pq.read_schema(out / f).metadata[b"mtcls_commit"])["profile"] for f in files])
+    (model / "reference_profile.json").write_text(json.dumps(reference_document(own, "test")))
+    _, again = score(tmp_path, model, input=str(tmp_path / "in"), rows_per_file=7)
+    assert again["drift"]["flagged"] == [] and {h["psi"] for h in again["drift"]["heads"].values()} == {0.0}
     assert again["rows_scored_this_run"] == 0 and _parts(out) == files
     assert json.loads((out / "_manifest.json").read_text())["rows_scored_this_run"] == 0
 
@@ -241,6 +259,9 @@ def test_foreign_output_directory_is_refused(tmp_path, tiny_model_dir, ray_local
         (["precision=fp8"], "key 'precision'"),
         (["text_columns=[]"], "key 'text_columns'"),
         (["passthrough_columns=[id]"], "key 'passthrough_columns'"),
+        (["drift_threshold=0"], "key 'drift_threshold': must be a positive number"),
+        (["drift_threshold=-0.5"], "key 'drift_threshold'"),
+        (["fail_on_drift=true", "profile=false"], "key 'fail_on_drift': needs profile=true"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

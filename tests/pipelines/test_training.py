@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 import mtcls
 from jobs import train as train_job
+from mtcls.profile import head_profile, load_reference
 from pipelines.config import ConfigError, load_config
 from pipelines.storage import InputError
 from pipelines.train.config import TrainConfig
@@ -103,6 +104,17 @@ def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data
         cal = summary["calibration"][head]
         assert cal["temperature"] == summary["temperatures"][head]
         assert cal["nll_after"] <= cal["nll_before"] + 1e-6 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
+    # The reference profile next to the weights is the exported model's own profile of the
+    # validation set (calibrated scores, tuned thresholds), plus the true-label counts.
+    reference = load_reference(data / "model")
+    assert reference["source"] == f"validation set, epoch {summary['best_epoch']}"
+    for head in ("sentiment", "topics"):
+        spec = model.specs[head]
+        mine = head_profile(spec, spec.impl.probabilities_from_columns(spec, pa.table({f"{head}_probs": cols[f"{head}_probs"]})))
+        ref = reference["heads"][head]
+        assert ref["rows"] == mine["rows"] == val.num_rows and ref["mix"] == mine["mix"] and ref["score_hist"] == mine["score_hist"]
+        counts, labelled = spec.impl.label_counts(spec, mtcls.encode_labels(spec, val.column(head).to_pylist()))
+        assert ref["label_counts"] == counts and ref["labelled_rows"] == labelled
     # Balanced weights were resolved from label counts and saved with the model.
     assert isinstance(model.specs["sentiment"].class_weights, list)
     assert sorted(model.specs["topics"].labels) == ["sport", "tech"]

@@ -1,0 +1,196 @@
+"""Temperature scaling on trained models: test-set ECE and macro-F1 before and after, printed as JSON.
+
+    python benchmarks/calibration_quality.py                       # OLID and GoEmotions models below
+    python benchmarks/calibration_quality.py --dataset olid --model /work/models/olid-fp32
+
+For each model (trained with ``jobs/configs/train/<dataset>.yaml`` before calibration existed, so
+without temperatures) this does what the training job now does after its best epoch's validation,
+with the training job's own functions: the validation split comes from
+:func:`pipelines.train.data.prepare_data` under the same config (OLID: the stable 10% hold-out of
+the training file; GoEmotions: dev.parquet), and :func:`pipelines.train.loop.validate` with
+``calibrate=True`` fits each calibratable head's temperature (:func:`mtcls.calibration.fit_temperature`)
+and, for the heads training tunes (multilabel), re-tunes the thresholds on the calibrated
+validation scores. The temperatures and re-tuned thresholds are written into a copy of the model as
+``pipelines/train/run.py`` exports them. Both models are then evaluated on the test split by the
+evaluation job (``precision``, default fp32), which reports per head the ECE of the output scores
+and, for the calibrated model, the ECE without the temperature too (it must equal the original
+model's ECE: a check printed as ``ece_before_check``).
+
+Targets (issue 14): ECE lower on every single-choice head, never higher on any head; macro-F1 moves
+by at most 0.2 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {"olid": "/work/models/olid-fp32", "goemotions": "/work/models/goemotions-fp32"}
+TEST = {"olid": "../shared/data/olid/test.parquet", "goemotions": "../shared/data/goemotions/test.parquet"}
+MAX_F1_MOVE_POINTS = 0.2
+
+
+class PreparedRows:
+    """The prepared validation pieces (Arrow tables), read the way :func:`validate` reads a Ray Data shard."""
+
+    def __init__(self, tables: list) -> None:
+        import pyarrow as pa
+
+        self.table = pa.concat_tables(tables)
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        for start in range(0, self.table.num_rows, batch_size):
+            part = self.table.slice(start, batch_size)
+            yield {c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}
+
+
+def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[str, Any]:
+    """Fits temperatures (and re-tunes thresholds) on the training config's validation split; saves the result to ``target``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mtcls import MultiTaskModel, text_separator
+    from pipelines.config import load_config
+    from pipelines.train import TrainConfig
+    from pipelines.train.data import prepare_data
+    from pipelines.train.loop import validate
+
+    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{dataset}.yaml", [])
+    model = MultiTaskModel.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The separator rule the training job's driver uses (one text column in both configs: never used).
+    data = prepare_data(cfg, tokenizer, text_separator(model.config, tokenizer))
+    specs = list(model.specs.values())
+    for spec in data.specs:  # the labels are encoded in the model's label order
+        assert spec.labels == model.specs[spec.name].labels and spec.groups == model.specs[spec.name].groups, spec.name
+    assert all(s.temperature is None for s in specs), "the benchmark expects a model trained without calibration"
+
+    start = time.perf_counter()
+    result = validate(model, PreparedRows(data.validation.parts), specs, cfg.batch_size * 2, tokenizer.pad_token_id or 0,
+                      torch.device("cpu"), rank=0, world=1, tune_bins=cfg.threshold_bins if cfg.tune_thresholds else 0,
+                      calibrate=True)
+    seconds = time.perf_counter() - start
+    # As pipelines/train/run.py exports the best epoch: the temperatures, then the thresholds tuned on calibrated scores.
+    out: dict[str, Any] = {"validation_rows": data.validation.rows, "validation_seconds": seconds, "heads": {}}
+    for name, rep in result["reports"].items():
+        cal = rep.get("calibration", {})
+        if cal.get("temperature") is not None:
+            model.set_head_spec(dataclasses.replace(model.specs[name], temperature=cal["temperature"]))
+        before = model.specs[name].thresholds
+        if "tuned_thresholds" in rep:
+            spec = model.specs[name]
+            model.set_head_spec(spec.impl.with_thresholds(spec, rep["tuned_thresholds"]["thresholds"]))
+        out["heads"][name] = {"validation_calibration": cal, "thresholds_before": before,
+                              "thresholds_after": model.specs[name].thresholds}
+    model.save_pretrained(target)
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.txt"):
+            shutil.copy(f, target / f.name)
+    return out
+
+
+def evaluate(model_dir: str, test: str, text_columns: list[str], output: Path, precision: str, plots: bool) -> dict[str, Any]:
+    from pipelines.evaluate import EvalConfig, run_evaluate
+
+    return run_evaluate(EvalConfig(data=test, model=model_dir, output=str(output), text_columns=text_columns, precision=precision,
+                                   tune_thresholds=False, plots=plots, progress=False))
+
+
+def run_dataset(dataset: str, model_dir: str, work: Path, precision: str) -> dict[str, Any]:
+    from mtcls import MultiTaskConfig
+    from pipelines.config import load_config
+    from pipelines.train import TrainConfig
+
+    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{dataset}.yaml", [])
+    calibrated = work / f"{dataset}-calibrated"
+    fit = calibrate_like_training(dataset, model_dir, calibrated)
+    before = evaluate(model_dir, TEST[dataset], cfg.text_columns, work / f"{dataset}-report-before", precision, plots=False)
+    after = evaluate(str(calibrated), TEST[dataset], cfg.text_columns, work / f"{dataset}-report-after", precision, plots=True)
+    specs = {s.name: s for s in MultiTaskConfig.from_pretrained(calibrated).head_specs()}
+    heads = {}
+    for name, spec in specs.items():
+        cb, ca = before["calibration"].get(name, {}), after["calibration"].get(name, {})
+        f1b, f1a = before["heads"][name]["macro_f1"], after["heads"][name]["macro_f1"]
+        heads[name] = {
+            "kind": spec.kind,
+            # Decided by arg-max (no thresholds to tune): the heads whose top-label ECE the target names.
+            "single_choice": not spec.impl.tunable,
+            "temperature": spec.temperature,
+            "validation": {k: v for k, v in fit["heads"][name]["validation_calibration"].items() if k != "temperature"},
+            "thresholds_retuned": fit["heads"][name]["thresholds_after"] != fit["heads"][name]["thresholds_before"],
+            "test_ece_before": cb.get("ece"),
+            "test_ece_after": ca.get("ece"),
+            "ece_before_check": ca.get("ece_without_temperature"),
+            "test_macro_f1_before": f1b,
+            "test_macro_f1_after": f1a,
+            "macro_f1_change_points": (f1a - f1b) * 100,
+        }
+    calibrated_heads = [h for h in heads.values() if h["test_ece_before"] is not None and h["temperature"] is not None]
+    return {
+        "model": model_dir,
+        "test": TEST[dataset],
+        "test_rows": after["rows"],
+        "validation_rows": fit["validation_rows"],
+        "validation_seconds": fit["validation_seconds"],
+        "reports": {"before": str(work / f"{dataset}-report-before"), "after": str(work / f"{dataset}-report-after")},
+        "heads": heads,
+        "targets": {
+            "ece_lower_on_every_single_choice_head": all(h["test_ece_after"] < h["test_ece_before"] for h in calibrated_heads if h["single_choice"]),
+            "ece_never_higher": all(h["test_ece_after"] <= h["test_ece_before"] for h in calibrated_heads),
+            f"macro_f1_moves_at_most_{MAX_F1_MOVE_POINTS}_points": all(abs(h["macro_f1_change_points"]) <= MAX_F1_MOVE_POINTS for h in heads.values()),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(MODELS), action="append", help="default: both")
+    parser.add_argument("--model", help="model directory (with one --dataset); default: " + ", ".join(f"{k}: {v}" for k, v in MODELS.items()))
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--output", help="where the calibrated models and the reports go (default: a new temporary directory)")
+    args = parser.parse_args()
+    datasets = args.dataset or sorted(MODELS)
+    if args.model and len(datasets) != 1:
+        parser.error("--model needs exactly one --dataset")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.chdir(ROOT)
+    import ray
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(args.output or tempfile.mkdtemp(prefix="mtcls-calibration-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    results: dict[str, Any] = {}
+    start = time.time()
+    for dataset in datasets:
+        model = args.model or MODELS[dataset]
+        if not Path(TEST[dataset]).is_file() or not Path(model).is_dir():
+            results[dataset] = {"skipped": f"{TEST[dataset]} or {model} not found"}
+            continue
+        results[dataset] = run_dataset(dataset, model, work, args.precision)
+    ray.shutdown()
+    print(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "ray": ray.__version__},
+        "precision": args.precision,
+        "seconds": time.time() - start,
+        "output": str(work),
+        "datasets": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

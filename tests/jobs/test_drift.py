@@ -1,0 +1,71 @@
+"""jobs.drift: the manifests of date partitions -> one table and one plot per head, flagged days marked."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs.drift import main
+from mtcls import HeadSpec
+from mtcls.profile import head_profile
+from pipelines.score.drift import drift_section, profile_section
+from pipelines.score.output import Verification
+from pipelines.storage import InputError
+from tests.conftest import ALL_KIND_HEADS
+from tests.mtcls.test_profile import random_probs
+
+SPECS = [HeadSpec.from_dict(h) for h in ALL_KIND_HEADS[:4]]  # binary, multiclass, multilabel, grouped
+
+
+def write_partition(root, day, probs, reference):
+    """A partition's manifest as the scoring job writes it (its profile and drift sections)."""
+    prof = {s.name: head_profile(s, probs[s.name]) for s in SPECS}
+    rows = len(probs[SPECS[0].name])
+    verification = Verification(rows_out=rows, rows_error=3, profile=prof)
+    manifest = {"model": {"weights_sha256": "abc"}, "profile": profile_section(SPECS, verification),
+                "drift": drift_section(SPECS, verification, reference, 0.2, "model")}
+    (root / f"date={day}").mkdir(parents=True)
+    (root / f"date={day}" / "_manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_drift_table_and_plots_over_partitions(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    reference = {"heads": {s.name: head_profile(s, random_probs(s, 3000, rng)) for s in SPECS}, "source": "test"}
+    root = tmp_path / "scores"
+    days = ["2026-11-20", "2026-11-21", "2026-11-22"]
+    for day in days:
+        probs = {s.name: random_probs(s, 500, rng) for s in SPECS}
+        if day == "2026-11-21":  # a bad feed: every row looks like class "ad"
+            probs["type"][:] = [0.01, 0.01, 0.98]
+        write_partition(root, day, probs, reference)
+    (root / "date=2026-11-23").mkdir()  # a partition still being written: no manifest yet, ignored
+    (root / "date=2026-11-19").mkdir()
+    (root / "date=2026-11-19" / "_manifest.json").write_text(json.dumps({"rows_in": 5}))  # scored with profile=false
+
+    summary = main([str(root)])
+    assert summary["partitions"] == ["2026-11-19", *days] and summary["partitions_without_profile"] == ["2026-11-19"]
+    assert summary["flagged"] == [{"partition": "2026-11-21", "head": "type"}]
+    table = pd.read_csv(root / "_drift" / "drift.csv", keep_default_na=False)
+    ad = table[(table["head"] == "type") & (table["label"] == "ad")].set_index("partition")
+    assert list(ad.index) == days and ad.loc["2026-11-21", "share"] == 1.0 and ad.loc["2026-11-20", "share"] < 0.6
+    assert bool(ad.loc["2026-11-21", "flagged"]) and ad.loc["2026-11-21", "psi"] > 0.2 > ad.loc["2026-11-20", "psi"]
+    # Shares of a single-choice head sum to 1 per partition; grouped heads per group; multilabel rows name the label.
+    sums = table[table["head"] == "type"].groupby("partition")["share"].sum()
+    assert np.allclose(sums, 1.0, atol=1e-5)
+    topic = table[table["head"] == "topic"].groupby(["partition", "part"])["share"].sum()
+    assert set(topic.index.get_level_values("part")) == {"economy", "race"} and np.allclose(topic, 1.0, atol=1e-5)
+    assert set(table[table["head"] == "tags"]["label"]) == {"x", "y", "z"}
+    assert np.allclose(table["error_rate"], 3 / 500)
+    for s in SPECS:
+        assert (root / "_drift" / f"{s.name}_drift.png").stat().st_size > 5000
+    assert json.loads(capsys.readouterr().out)["table"].endswith("drift.csv")
+
+
+def test_a_root_without_partition_manifests_fails_naming_it(tmp_path):
+    (tmp_path / "date=2026-11-20").mkdir()
+    with pytest.raises(InputError, match=f"scores root '{tmp_path}' has no partition manifests"):
+        main([f"root={tmp_path}"])
+    with pytest.raises(InputError, match="does not exist"):
+        main([f"root={tmp_path}/absent"])
