@@ -15,6 +15,7 @@ skip rows already scored; the final check reads the ids back from disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
@@ -22,10 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtcls.profile import Profile, merge_profiles
 from pipelines.score.records import COMMIT_KEY
+from pipelines.score.schema import METADATA_KEY
 from pipelines.score.units import InputFile, Unit
 from pipelines.storage import InputError, Location
 
@@ -41,6 +44,8 @@ class Committed:
     name: str
     rows: int
     commit: dict[str, Any]
+    #: What the file's rows mean: its columns and the model that scored them (:func:`output_layout`).
+    layout: dict[str, str] = field(default_factory=dict)
 
     @property
     def ranges(self) -> list[list[int]]:
@@ -114,13 +119,14 @@ class OutputDir:
                 with fs.open(path, "rb") as fh:
                     pf = pq.ParquetFile(fh)
                     meta, rows = (pf.schema_arrow.metadata or {}).get(COMMIT_KEY), pf.metadata.num_rows
+                    layout = output_layout(pf.schema_arrow)
             except Exception as exc:  # pyarrow raises several types for a bad footer
                 raise InputError(f"output file {self.loc.uri(path)!r} is unreadable ({type(exc).__name__}: {exc}); "
                                  "delete it and rerun, or rerun with overwrite=true") from exc
             if meta is None:
                 raise InputError(f"output file {self.loc.uri(path)!r} has no commit record; "
                                  "it was not written by this version of mtcls: rerun with overwrite=true")
-            return Committed(name, rows, json.loads(meta))
+            return Committed(name, rows, json.loads(meta), layout)
 
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(names) or 1))) as pool:
             return list(pool.map(read, names))
@@ -203,6 +209,35 @@ class OutputDir:
         result.profile = merge_profiles([f.commit["profile"] for f in result.files if "profile" in f.commit])
         result.rows_unprofiled = sum(f.rows for f in result.files if "profile" not in f.commit)
         return result
+
+
+def output_layout(schema: pa.Schema) -> dict[str, str]:
+    """What must match for files to share an output: the columns with their types, and the model
+    (weights hash and head specs, thresholds and temperatures included)."""
+    meta = json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    columns = ", ".join(f"{f.name}: {f.type}" for f in schema)
+    model = json.dumps([meta.get("model", {}).get("weights_sha256"), [h.get("spec") for h in meta.get("heads", [])]], sort_keys=True)
+    return {"columns": columns, "model": hashlib.sha256(model.encode()).hexdigest()[:16]}
+
+
+def check_layout(files: list[Committed], schema: pa.Schema, uri: str) -> None:
+    """Refuses to resume into an output whose committed files were written with other columns or another model.
+
+    Raises:
+        InputError: Naming a file, what differs, and the way out (``overwrite=true``).
+    """
+    if not files:
+        return
+    buffer = pa.BufferOutputStream()  # compare with the schema as Parquet gives it back (types can change on the way)
+    pq.write_table(schema.empty_table(), buffer)
+    expected = output_layout(pq.read_schema(pa.BufferReader(buffer.getvalue())))
+    for f in files:
+        differs = [k for k in ("columns", "model") if f.layout.get(k) != expected[k]]
+        if differs:
+            what = (f"other columns than this run writes (file: [{f.layout.get('columns')}]; this run: [{expected['columns']}])"
+                    if "columns" in differs else "another model (weights, heads, thresholds or temperatures) than this run uses")
+            raise InputError(f"output {uri!r} holds files written with {what}, e.g. {f.name}; "
+                             "rerun with overwrite=true, or choose another output")
 
 
 def _merge(ranges: list[list[int]]) -> list[list[int]]:

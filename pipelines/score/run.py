@@ -35,7 +35,7 @@ from pipelines.score.actor import InferenceActor
 from pipelines.score.config import ScoreConfig
 from pipelines.score.drift import drift_section, profile_section
 from pipelines.score.lock import OutputLock
-from pipelines.score.output import OutputDir, Verification
+from pipelines.score.output import OutputDir, Verification, check_layout
 from pipelines.score.records import checksum_file
 from pipelines.score.heads_only import (EmbeddingSource, HeadsActor, check_apart, check_embedding_input, input_errors_unwrapped,
                                         read_embeddings)
@@ -90,7 +90,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     out.check_owner(cfg.overwrite)
     with OutputLock(out_loc, timeout_s=cfg.lock_timeout_s, heartbeat_s=min(15.0, cfg.lock_timeout_s / 4)) as lock:
         out.prepare(cfg.overwrite)
-        _, stale = out.resume(units, inputs)
+        kept, stale = out.resume(units, inputs)
+        check_layout(kept, schema, out_loc.uri())
         pending = [u for u in units if u.pending_rows]
         success = out_loc.join("_SUCCESS")
         if stale or pending:

@@ -9,6 +9,10 @@ all-reduce sums them, so the reported metrics are exactly those of the whole val
 epoch ends with ``ray.train.report`` (a checkpoint from rank 0); a restarted worker group resumes
 from the last checkpoint (model, optimizer, schedule, loss scale, history) and goes on exactly as an
 uninterrupted run would: data order and random state are seeded per epoch.
+
+A frozen encoder stays in eval mode. With cached features (:mod:`pipelines.train.features`) the
+shards hold ``features`` instead of ``input_ids``, and the worker trains :class:`FeatureHeads`
+(``forward_heads``) on them; the model it checkpoints is still the whole model.
 """
 
 from __future__ import annotations

@@ -185,6 +185,19 @@ def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, ti
     _, more = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"))
     assert more["rows_scored_this_run"] == 5 and pd.read_parquet(cfg.output)["id"].is_unique
 
+    # Resuming with other columns, or another model, would mix two tables in one: refused, nothing written.
+    write_corpus(tmp_path / "in" / "p4.parquet", 5, start=65)
+    with pytest.raises(InputError, match="holds files written with other columns than this run writes"):
+        score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"])
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["heads"][0]["thresholds"] = 0.9
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"written with another model \(weights, heads"):
+        score(tmp_path, other, input=str(tmp_path / "in"))
+    assert len(pd.read_parquet(cfg.output)) == 65
+
 
 def test_a_changed_input_file_is_rescored_and_its_old_rows_removed(tmp_path, tiny_model_dir, ray_local):
     (tmp_path / "in").mkdir()
