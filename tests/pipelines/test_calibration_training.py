@@ -96,3 +96,11 @@ def test_two_workers_fit_the_same_temperatures_as_one():
     assert out[0]["reports"]["tags"]["tuned_thresholds"] == out[1]["reports"]["tags"]["tuned_thresholds"]
     for key in ("trust_macro_f1", "type_macro_f1", "tags_macro_f1", "sphere_macro_f1", "mean_macro_f1"):
         assert out[0]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-9)
+    # The reference profile is summed over the workers: both hold the same, and it is the one worker's.
+    for head in ("trust", "type", "tags", "sphere"):
+        assert out[0]["reports"][head]["profile"] == out[1]["reports"][head]["profile"]
+        mine, one = out[0]["reports"][head]["profile"], single["reports"][head]["profile"]
+        assert mine["rows"] == one["rows"] == 90 and mine["label_counts"] == one["label_counts"]
+        assert mine["labelled_rows"] == one["labelled_rows"]
+    for head in ("type", "sphere"):  # arg-max decisions: the temperature's last bits cannot flip them
+        assert out[0]["reports"][head]["profile"]["mix"] == single["reports"][head]["profile"]["mix"]
