@@ -97,6 +97,9 @@ class HeadSpec:
             kind's probabilities of ``logits / temperature`` (see :mod:`mtcls.calibration`).
             None (default): uncalibrated. Training fits it on the validation set
             (``calibrate``); it never changes what ``inputs_from`` fusion receives.
+        logit_offset: Binary and multilabel heads with a ``temperature``: per logit, a number
+            subtracted from the logit before the temperature (training sets ``log(pos_weight)``,
+            undoing the shift a positive weight trains into the logits). None: no offset.
     """
 
     name: str
@@ -113,6 +116,7 @@ class HeadSpec:
     cumulative_threshold: Optional[float] = None
     inputs_from: list[str] = field(default_factory=list)
     temperature: Optional[float] = None
+    logit_offset: Optional[list[float]] = None
 
     def __post_init__(self) -> None:
         name = self.name
@@ -147,6 +151,21 @@ class HeadSpec:
                 users = [k for k in kind_names() if get_kind(k).calibratable]
                 _fail(name, "temperature", f"applies to {', '.join(users)} heads, not {self.kind}")
             self.temperature = float(t)
+        if self.logit_offset is not None:
+            self._validate_offset()
+
+    def _validate_offset(self) -> None:
+        offset = self.logit_offset
+        if not self.impl.offsettable:
+            users = [k for k in kind_names() if get_kind(k).offsettable]
+            _fail(self.name, "logit_offset", f"applies to {' and '.join(users)} heads, not {self.kind}")
+        if self.temperature is None:
+            _fail(self.name, "logit_offset", "is part of a calibration: it needs a temperature")
+        if not isinstance(offset, (list, tuple)) or len(offset) != self.num_logits or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offset
+        ):
+            _fail(self.name, "logit_offset", f"must be a list of {self.num_logits} finite numbers (one per logit), got {offset!r}")
+        self.logit_offset = [float(v) for v in offset]
 
     @property
     def impl(self) -> HeadKind:

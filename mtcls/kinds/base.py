@@ -326,6 +326,22 @@ class HeadKind:
         sums, denominators = self.loss_parts(spec, logits, y, None)
         return sums.sum(), denominators.sum()
 
+    @property
+    def offsettable(self) -> bool:
+        """Whether a calibration may carry a ``logit_offset``: kinds weighted by ``pos_weight``
+        (independent sigmoids decided by thresholds, which :func:`mtcls.calibration.calibrate_spec`
+        maps, so an offset never changes a decision)."""
+        return self.weight_field == "pos_weight"
+
+    def prior_offset(self, spec: "HeadSpec") -> Optional[list[float]]:
+        """Per logit, ``log(pos_weight)``: the shift a weighted BCE trains into the logits, which
+        calibration subtracts. None without positive weights (or all 1), or for other kinds."""
+        w = spec.pos_weight if self.offsettable else None
+        if w is None or isinstance(w, str):
+            return None
+        w = np.broadcast_to(np.asarray(w, np.float64), (self.num_logits(spec),))
+        return None if np.all(w == 1.0) else [float(v) for v in np.log(w)]
+
     def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """``[(confidence, outcome)]`` pairs whose calibration error is measured (and averaged).
 

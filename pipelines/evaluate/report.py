@@ -52,12 +52,15 @@ def calibration_markdown(calibration: dict[str, Any]) -> list[str]:
     """The calibration section: per calibratable head its temperature and ECE with and without it."""
     bins = next(iter(calibration.values()))["bins"]
     lines = [f"## Calibration (expected calibration error, {bins} equal-width bins)", "",
-             "ECE of the scores as the model outputs them (with the head's temperature) and of the same rows' "
-             "probabilities without the temperature; lower is better. Binary and multilabel heads: mean over labels "
+             "ECE of the scores as the model outputs them (with the head's calibration: its temperature, after a "
+             "log(pos_weight) offset where the column says so) and of the same rows' probabilities without the "
+             "calibration; lower is better. Binary and multilabel heads: mean over labels "
              "of the positive-class ECE; single-choice heads: top-label ECE.", "",
              "| Head | Temperature | ECE | ECE without temperature | Reliability diagram |", "|---|---|---|---|---|"]
     for head, c in calibration.items():
         temperature = f"{c['temperature']:.4g}" if c["temperature"] is not None else NO_TEMPERATURE
+        if c.get("logit_offset"):
+            temperature += " (after the pos_weight offset)"
         if c["temperature"] is None:
             without = "- (same scores)"
         else:

@@ -168,7 +168,7 @@ def calibration_summary(spec: HeadSpec, parts: dict[str, Any]) -> dict[str, Any]
     ``ece_without_temperature`` of the same rows' probabilities without it (None, with a ``note``,
     for a head without a temperature or when the uncalibrated scores were not available).
     """
-    out: dict[str, Any] = {"temperature": spec.temperature, "bins": DEFAULT_ECE_BINS,
+    out: dict[str, Any] = {"temperature": spec.temperature, "logit_offset": spec.logit_offset, "bins": DEFAULT_ECE_BINS,
                            "ece": ece_from_reliability(parts["reliability"]), "ece_without_temperature": None}
     if spec.temperature is None:
         out["note"] = NO_TEMPERATURE

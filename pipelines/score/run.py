@@ -206,6 +206,8 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
             rate = done / max(last - started, 1e-9)
             log.info("committed %d of %d rows (%.0f%%), %.0f rows/s, about %.0f s left", done, total,
                      100 * done / max(total, 1), rate, (total - done) / max(rate, 1e-9))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("Ray Data stage statistics:\n%s", ds.stats())
     return done, used
 
 

@@ -33,12 +33,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mtcls import HeadSpec, MultiTaskModel, head_report, head_statistics
-from mtcls.calibration import calibrated_probabilities, calibration_report
+from mtcls.calibration import calibrate_spec, calibrated_probabilities, calibration_report, uncalibrate_spec
 from mtcls.inference import pad_batch
 from mtcls.precision import cpu_native_bf16
 from mtcls.kinds import mean_of_parts
 from mtcls.metrics import empty_statistics, merge_statistics
-from mtcls.modeling import MultiTaskOutput
+from mtcls.modeling import MultiTaskOutput, head_probabilities
 from mtcls.thresholds import best_thresholds, threshold_histograms
 from pipelines.train.features import FEATURES, LENGTH
 from pipelines.train.reference import reference_profiles
@@ -281,17 +281,21 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
              device: torch.device, rank: int, world: int, tune_bins: int = 0, calibrate: bool = False) -> dict[str, Any]:
     """Exact validation metrics: per-worker statistics on rows ``row % world == rank``, all-reduced.
 
-    With ``calibrate``, every head whose kind is calibratable first gets a temperature minimising
-    its validation NLL (:mod:`mtcls.calibration`), in ``reports[head]["calibration"]`` with the
-    NLL and ECE before and after. Fitting needs every validation logit, not a sum: each worker
+    With ``calibrate``, every head whose kind is calibratable first gets a calibration
+    (:func:`mtcls.calibration.fit_calibration`: the temperature minimising its validation NLL after
+    the kind's prior offset, kept only if it lowers the NLL of held-out folds), in
+    ``reports[head]["calibration"]`` with the NLL and ECE before and after. Fitting needs every validation logit, not a sum: each worker
     keeps its rows' logits and labels (small: one row of logits per validation row), all of them
     are all-gathered in rank order, and every worker fits the same temperature on the same data
-    (deterministic CPU code), so the workers cannot diverge. The statistics, metrics and threshold
-    histograms below are then those of the calibrated scores, as the exported model outputs them.
+    (deterministic CPU code), so the workers cannot diverge. The statistics and metrics below are
+    those of the calibrated scores, as the exported model outputs them.
 
     With ``tune_bins``, multilabel heads also get per-label thresholds maximising validation F1
-    (from threshold histograms of the calibrated scores, summed like the statistics), reported as
-    ``<head>_tuned_macro_f1`` and in ``reports[head]["tuned_thresholds"]``.
+    (from threshold histograms, summed like the statistics), reported as
+    ``<head>_tuned_macro_f1`` and in ``reports[head]["tuned_thresholds"]``. They are tuned on the
+    raw scores and mapped through the calibration (:func:`mtcls.calibration.calibrate_spec`), which
+    is tuning on the calibrated scores over the mapped grid: the same decisions, so calibration
+    cannot move a head's macro-F1. ``reports[head]["head"]`` is the head as exported.
     """
     model.eval()
     logits: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
@@ -310,21 +314,21 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
                 logits[spec.name].append(out.logits[spec.name].float().cpu())
                 labels[spec.name].append(np.stack([batch[f"y_{spec.name}"][i] for i in mine]))
     local = {n: (torch.cat(logits[n]), np.concatenate(labels[n])) for n in logits if logits[n]}
-    scored = {s.name: s for s in specs}  # the specs whose scores are measured (with fitted temperatures)
+    given = {s.name: (s.temperature, s.logit_offset) for s in specs}  # a warm start's calibration, if any
+    specs = [uncalibrate_spec(s) for s in specs]
     calibration = _calibrate(specs, local, world) if calibrate else {}
-    for name, result in calibration.items():
-        if result["temperature"] is not None:
-            scored[name] = dataclasses.replace(scored[name], temperature=result["temperature"])
+    fitted = {**given, **{n: (c["temperature"], c["logit_offset"]) for n, c in calibration.items()}}
+    # The specs whose scores are measured: calibrated, with their thresholds mapped to the calibrated scores.
+    scored = {s.name: calibrate_spec(s, *fitted[s.name]) for s in specs}
 
     stats = {s.name: empty_statistics(s) for s in specs}
     tuned = [s for s in specs if tune_bins and s.impl.tuned_in_training]
     hists = {s.name: {"pos": np.zeros((s.num_labels, tune_bins), np.int64), "neg": np.zeros((s.num_labels, tune_bins), np.int64)} for s in tuned}
+    raw = {s.name: s for s in specs}
     for name, (z, y) in local.items():
-        spec = scored[name]
-        probs = calibrated_probabilities(spec, z).numpy()
-        stats[name] = merge_statistics(stats[name], head_statistics(spec, y, probs))
-        if name in hists:
-            for key, value in threshold_histograms(spec, y, probs, tune_bins).items():
+        stats[name] = merge_statistics(stats[name], head_statistics(scored[name], y, calibrated_probabilities(scored[name], z).numpy()))
+        if name in hists:  # tuned on the raw scores, then mapped: calibration never moves a decision
+            for key, value in threshold_histograms(raw[name], y, head_probabilities(raw[name], z).numpy(), tune_bins).items():
                 hists[name][key] += value
     if world > 1:
         import torch.distributed as dist
@@ -334,17 +338,22 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
                 t = torch.as_tensor(value)
                 dist.all_reduce(t)
                 parts[key] = t.numpy()
-    reports = {s.name: head_report(s, stats[s.name]) for s in specs}
+    reports = {s.name: head_report(scored[s.name], stats[s.name]) for s in specs}
     metrics = {f"{n}_macro_f1": r["macro_f1"] for n, r in reports.items()}
     metrics["mean_macro_f1"] = float(np.mean(list(metrics.values())))
     for name, result in calibration.items():
         reports[name]["calibration"] = result
+    exported = dict(scored)
     for spec in tuned:
-        reports[spec.name]["tuned_thresholds"] = _tuned_macro_f1(scored[spec.name], hists[spec.name])
-        metrics[f"{spec.name}_tuned_macro_f1"] = reports[spec.name]["tuned_thresholds"]["macro_f1"]
-    # The heads as exported: fitted temperature, and thresholds tuned on the calibrated scores.
-    exported = [s.impl.with_thresholds(s, reports[s.name]["tuned_thresholds"]["thresholds"])
-                if "tuned_thresholds" in reports[s.name] else s for s in (scored[t.name] for t in specs)]
+        result = _tuned_macro_f1(spec, hists[spec.name])
+        exported[spec.name] = calibrate_spec(spec.impl.with_thresholds(spec, result["thresholds"]), *fitted[spec.name])
+        result["raw_thresholds"], result["thresholds"] = result["thresholds"], exported[spec.name].label_thresholds()
+        reports[spec.name]["tuned_thresholds"] = result
+        metrics[f"{spec.name}_tuned_macro_f1"] = result["macro_f1"]
+    # The heads as exported: calibration, and thresholds tuned then mapped to the calibrated scores.
+    for spec in specs:
+        reports[spec.name]["head"] = exported[spec.name].to_dict()
+    exported = list(exported.values())
     for name, prof in reference_profiles(exported, local, world).items():
         reports[name]["profile"] = prof
     return {"metrics": metrics, "reports": reports}

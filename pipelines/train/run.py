@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mtcls import MultiTaskModel, default_encoder_path, text_separator
+from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, text_separator
 from mtcls.profile import REFERENCE_FILE, reference_document
 from pipelines.artifacts import localize_model, read_model_files
 from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
@@ -161,12 +161,9 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
     out.fs.makedirs(out.path, exist_ok=True)
     with best_ckpt.as_directory() as best_dir:
         model = MultiTaskModel.from_pretrained(best_dir)
-    # The thresholds were tuned on the scores calibrated by these temperatures: export both.
-    for head, temperature in temperatures.items():
-        model.set_head_spec(dataclasses.replace(model.specs[head], temperature=temperature))
-    for head, result in tuned.items():
-        spec = model.specs[head]
-        model.set_head_spec(spec.impl.with_thresholds(spec, result["thresholds"]))
+    # The heads as validation exported them: calibration, and thresholds mapped to the calibrated scores.
+    for head, report in best_reports.items():
+        model.set_head_spec(HeadSpec.from_dict(report["head"]))
     model.save_pretrained(work / "best")
     for name in ("config.json", "model.safetensors"):
         out.fs.put(str(work / "best" / name), posixpath.join(out.path, name))

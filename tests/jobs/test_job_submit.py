@@ -51,8 +51,13 @@ def ray_head():
         os.killpg(head.pid, signal.SIGTERM)
         pytest.fail("the Ray head's job server did not come up within 120 s")
     yield address, env
+    # A graceful stop of the head takes about 30 s; the job is over, so the group is killed after 5 s.
     os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
 
 
 @pytest.mark.slow

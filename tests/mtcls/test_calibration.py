@@ -8,14 +8,18 @@ import torch
 
 from mtcls import HeadSpec, HeadSpecError
 from mtcls.calibration import (
+    DEFAULT_MIN_GAIN,
+    calibrate_spec,
     calibrated_probabilities,
     calibration_report,
     ece_from_reliability,
     expected_calibration_error,
+    fit_calibration,
     fit_temperature,
     negative_log_likelihood,
     reliability_curve,
     reliability_statistics,
+    uncalibrate_spec,
 )
 from mtcls.inference import predict_probabilities
 from mtcls.modeling import head_probabilities
@@ -172,3 +176,65 @@ def test_reliability_statistics_of_parts_add_up_to_the_ece_of_the_whole(spec):
     assert sum(curve["count"]) == entries and len(curve["count"]) == 15
     assert all(c is None or lo <= c <= lo + 1 / 15 + 1e-12 for c, lo in zip(curve["confidence"], np.arange(15) / 15))
     assert ece_from_reliability(np.zeros((1, 3, 15))) is None
+
+
+def test_the_held_out_check_keeps_a_calibration_that_helps_and_drops_one_fitted_to_noise():
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 2, (3000, 4))
+    y = softmax_samples(rng, z, 1.0)
+    calibrated_already = fit_calibration(MULTICLASS, torch.tensor(z, dtype=torch.float32), y)
+    assert calibrated_already["fitted_temperature"] != 1.0  # the full fit moves a little...
+    assert not calibrated_already["kept"] and calibrated_already["temperature"] is None  # ...but not on held-out rows
+    assert calibrated_already["heldout_gain"] < DEFAULT_MIN_GAIN
+    rep = calibration_report(MULTICLASS, torch.tensor(z, dtype=torch.float32), y)
+    assert rep["nll_after"] == rep["nll_before"] and rep["ece_after"] == rep["ece_before"]  # not kept: unchanged
+    over = fit_calibration(MULTICLASS, torch.tensor(3 * z, dtype=torch.float32), y)
+    assert over["kept"] and over["temperature"] == pytest.approx(3.0, rel=0.1) and over["heldout_gain"] > 0.1
+
+
+def test_a_positive_weight_shift_is_undone_by_the_prior_offset_and_decisions_never_change():
+    """A weighted BCE learns logit = log(w) + logit(p): the offset removes log(w), the temperature the scale."""
+    rng = np.random.default_rng(5)
+    weights = [50.0, 4.0, 1.0]
+    spec = HeadSpec(name="ml", kind="multilabel", labels=["x", "y", "z"], pos_weight=weights, thresholds=[0.8, 0.5, 0.3])
+    assert spec.impl.prior_offset(spec) == pytest.approx(np.log(weights).tolist())
+    truth = rng.normal(-3, 1.5, (6000, 3))  # rare positives
+    y = sigmoid_samples(rng, truth, 1.0)
+    model_logits = torch.tensor(2.0 * truth + np.log(weights), dtype=torch.float32)  # over-confident and shifted
+    fit = fit_calibration(spec, model_logits, y)
+    assert fit["kept"] and fit["temperature"] == pytest.approx(2.0, rel=0.1)
+    assert fit["logit_offset"] == pytest.approx(np.log(weights).tolist())
+    calibrated = calibrate_spec(spec, fit["temperature"], fit["logit_offset"])
+    raw_p, cal_p = head_probabilities(spec, model_logits).numpy(), calibrated_probabilities(calibrated, model_logits).numpy()
+    assert expected_calibration_error(spec, cal_p, y) < expected_calibration_error(spec, raw_p, y) / 5
+    # Thresholds are mapped with the scores: the same rows are positive, label by label.
+    np.testing.assert_array_equal(spec.impl.predict(spec, raw_p), calibrated.impl.predict(calibrated, cal_p))
+    assert calibrated.thresholds != spec.thresholds
+    back = uncalibrate_spec(calibrated)
+    assert back.temperature is None and back.logit_offset is None
+    assert back.thresholds == pytest.approx(spec.thresholds, abs=1e-9)
+    assert HeadSpec.from_dict(calibrated.to_dict()) == calibrated
+    with pytest.raises(ValueError, match="'ml' is already calibrated"):
+        calibrate_spec(calibrated, 1.0)
+
+
+def test_binary_default_threshold_is_mapped_and_a_temperature_alone_keeps_decisions():
+    rng = np.random.default_rng(6)
+    logits = torch.tensor(rng.normal(0, 4, (500, 1)), dtype=torch.float32)
+    for offset in (None, [2.5]):
+        calibrated = calibrate_spec(BINARY, 0.7, offset)
+        np.testing.assert_array_equal(BINARY.impl.predict(BINARY, head_probabilities(BINARY, logits).numpy()),
+                                      calibrated.impl.predict(calibrated, calibrated_probabilities(calibrated, logits).numpy()))
+    assert calibrate_spec(BINARY, 0.7).thresholds == pytest.approx(0.5)
+    assert calibrate_spec(MULTICLASS, 2.0).thresholds is None
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"kind": "multiclass", "labels": ["a", "b"], "temperature": 1.0, "logit_offset": [0.0, 0.0]}, "applies to binary and multilabel heads"),
+    ({"kind": "binary", "labels": ["n", "p"], "logit_offset": [1.0]}, "needs a temperature"),
+    ({"kind": "multilabel", "labels": ["a", "b"], "temperature": 1.0, "logit_offset": [1.0]}, "list of 2 finite numbers"),
+    ({"kind": "binary", "labels": ["n", "p"], "temperature": 1.0, "logit_offset": [float("nan")]}, "list of 1 finite numbers"),
+])
+def test_a_bad_logit_offset_names_the_head_and_field(bad, message):
+    with pytest.raises(HeadSpecError, match=rf"head 'h': field 'logit_offset'.*{message}"):
+        HeadSpec(name="h", **bad)

@@ -59,15 +59,18 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_validation_fits_temperatures_and_tunes_thresholds_on_calibrated_scores():
+def test_validation_fits_calibrations_and_keeps_only_those_that_help_on_held_out_rows():
     result = run_validate(0, 1)
     reports = result["reports"]
     assert "calibration" not in reports["sphere"]  # distribution heads are not calibrated
     for head in ("trust", "type", "tags"):
         cal = reports[head]["calibration"]
-        assert 0.05 <= cal["temperature"] <= 20
+        assert 0.05 <= cal["fitted_temperature"] <= 20 and cal["kept"] == (cal["temperature"] is not None)
         assert cal["nll_after"] <= cal["nll_before"] + 1e-6
-    assert reports["type"]["calibration"]["temperature"] > 2  # the over-confident head is cooled down
+        assert reports[head]["head"]["temperature"] == cal["temperature"]  # the head as exported
+    assert reports["type"]["calibration"]["kept"] and reports["type"]["calibration"]["temperature"] > 2  # cooled down
+    assert not reports["trust"]["calibration"]["kept"]  # random labels: a fit gains nothing on held-out folds
+    assert reports["trust"]["head"] == tiny_model(heads=HEADS, seed=3).specs["trust"].to_dict()
     assert "tuned_thresholds" in reports["tags"]
     uncalibrated = validate(tiny_model(heads=HEADS, seed=3), Shard(), [s for s in tiny_model(heads=HEADS, seed=3).specs.values()],
                             16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 import mtcls
 from jobs import train as train_job
+from mtcls.calibration import DEFAULT_MIN_GAIN
 from mtcls.profile import head_profile, load_reference
 from pipelines.config import ConfigError, load_config
 from pipelines.storage import InputError
@@ -97,12 +98,14 @@ def test_training_learns_and_the_exported_best_model_reproduces_its_metrics(data
     stats = mtcls.head_statistics(spec, y, np.array(cols["topics_probs"]))
     assert mtcls.head_report(spec, stats)["macro_f1"] == pytest.approx(summary["best_metrics"]["topics_tuned_macro_f1"], abs=1e-9)
     assert summary["best_metrics"]["topics_tuned_macro_f1"] >= summary["best_metrics"]["topics_macro_f1"] - 1e-9  # tuning can only match or beat 0.5
-    # Calibration (default on): the best epoch's temperatures are in the model config and the
-    # summary, the scores above were calibrated by them, and the thresholds were tuned after it.
+    # Calibration (default on): the best epoch's calibration, where the held-out check kept one,
+    # is in the model config and the summary, and the scores above were calibrated by it.
     for head in ("sentiment", "topics"):
-        assert model.specs[head].temperature == summary["temperatures"][head] > 0
         cal = summary["calibration"][head]
-        assert cal["temperature"] == summary["temperatures"][head]
+        assert cal["kept"] == (cal["heldout_gain"] >= DEFAULT_MIN_GAIN) and cal["fitted_temperature"] > 0
+        assert model.specs[head].temperature == cal["temperature"] == summary["temperatures"].get(head)
+        assert model.specs[head].logit_offset == cal["logit_offset"]
+        assert (cal["temperature"] is None) == (not cal["kept"])
         assert cal["nll_after"] <= cal["nll_before"] + 1e-6 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     # The reference profile next to the weights is the exported model's own profile of the
     # validation set (calibrated scores, tuned thresholds), plus the true-label counts.
