@@ -47,6 +47,16 @@ def test_int8_engine_is_close_to_fp32_and_exports_once_per_model(tmp_path, tiny_
     for name in int8:
         np.testing.assert_array_equal(again[name], int8[name])
 
+    # Every layer's feed-forward output projection stays fp32; the other MatMuls and attention are int8.
+    import onnx
+
+    graph = onnx.load(str(exports[0])).graph
+    layers = model.encoder.config.num_hidden_layers
+    kept = [n.name for n in graph.node if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name]
+    assert len(kept) == layers
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in kept and "/dense/" in n.name]
+    assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention") for n in graph.node) >= 2 * layers
+
     # Another encoder (other weights) gets its own export.
     other = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
     with torch.no_grad():
