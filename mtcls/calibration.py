@@ -56,10 +56,11 @@ def calibrated_probabilities(spec: HeadSpec, logits: torch.Tensor) -> torch.Tens
     """
     if spec.temperature is None:
         return head_probabilities(spec, logits)
-    return head_probabilities(spec, _scaled(logits, spec.temperature, spec.logit_offset))
+    return head_probabilities(spec, scaled_logits(logits, spec.temperature, spec.logit_offset))
 
 
-def _scaled(logits: torch.Tensor, temperature: Optional[float], offset: Optional[list[float]]) -> torch.Tensor:
+def scaled_logits(logits: torch.Tensor, temperature: Optional[float], offset: Optional[list[float]]) -> torch.Tensor:
+    """``(logits - offset) / temperature``; a None offset or temperature is left out."""
     z = logits
     if offset is not None:
         z = z - torch.as_tensor(offset, dtype=z.dtype, device=z.device).reshape(-1)
@@ -114,7 +115,7 @@ def _logits(logits: Array) -> torch.Tensor:
 def negative_log_likelihood(spec: HeadSpec, logits: Array, labels: np.ndarray, temperature: Optional[float] = None,
                             offset: Optional[list[float]] = None) -> Optional[float]:
     """Mean NLL of the labelled entries of one head at a calibration (None: raw logits), or None without labels."""
-    total, count = spec.impl.calibration_nll(spec, _scaled(_logits(logits), temperature, offset), labels)
+    total, count = spec.impl.calibration_nll(spec, scaled_logits(_logits(logits), temperature, offset), labels)
     return float(total / count) if float(count) > 0 else None
 
 
@@ -138,7 +139,7 @@ def fit_temperature(spec: HeadSpec, logits: Array, labels: np.ndarray, bounds: t
     """
     if not spec.impl.calibratable:
         return None
-    z = _scaled(_logits(logits), None, offset)
+    z = scaled_logits(_logits(logits), None, offset)
     if float(spec.impl.calibration_nll(spec, z, labels)[1]) <= 0:
         return None
 
@@ -270,7 +271,7 @@ def fit_calibration(spec: HeadSpec, logits: Array, labels: np.ndarray, folds: in
         if t is None:
             continue
         raw += float(spec.impl.calibration_nll(spec, z[held], y[held])[0])
-        calibrated += float(spec.impl.calibration_nll(spec, _scaled(z[held], t, offset), y[held])[0])
+        calibrated += float(spec.impl.calibration_nll(spec, scaled_logits(z[held], t, offset), y[held])[0])
     n = float(spec.impl.calibration_nll(spec, z, y)[1])
     if raw > 0:
         gain = 1.0 - calibrated / raw
@@ -308,6 +309,6 @@ def calibration_report(spec: HeadSpec, logits: Array, labels: np.ndarray, fit: b
         **result,
         "nll_before": negative_log_likelihood(spec, z, labels, *before) if can else None,
         "nll_after": negative_log_likelihood(spec, z, labels, *after) if can else None,
-        "ece_before": expected_calibration_error(spec, head_probabilities(spec, _scaled(z, *before)), labels, bins),
-        "ece_after": expected_calibration_error(spec, head_probabilities(spec, _scaled(z, *after)), labels, bins),
+        "ece_before": expected_calibration_error(spec, head_probabilities(spec, scaled_logits(z, *before)), labels, bins),
+        "ece_after": expected_calibration_error(spec, head_probabilities(spec, scaled_logits(z, *after)), labels, bins),
     }

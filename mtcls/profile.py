@@ -21,6 +21,7 @@ reading: below 0.1 no real change, 0.1-0.2 a moderate one, above 0.2 a significa
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -70,7 +71,7 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     for prof in profiles:
         for name, head in prof.items():
             if name not in out:
-                out[name] = json.loads(json.dumps(head))
+                out[name] = copy.deepcopy(head)  # the inputs are never modified
                 continue
             acc = out[name]
             acc["rows"] += head["rows"]
