@@ -50,10 +50,12 @@ class TrainConfig:
             validation set after every epoch, and export the best epoch with them. Metrics at the
             tuned thresholds are optimistic on the validation set itself; check them on a test set.
         threshold_bins: Resolution of threshold tuning (bins over [0, 1]).
-        calibrate: After every epoch's validation, fit a temperature per head (not distribution
-            heads) minimising the validation NLL, and measure and tune thresholds on the calibrated
-            scores; the exported model config carries the best epoch's temperatures, and
-            training_summary.json lists them with the validation ECE before and after.
+        calibrate: After every epoch's validation, fit a calibration per head (not distribution
+            heads): the ``log(pos_weight)`` offset of weighted sigmoid heads and a temperature
+            minimising the validation NLL, kept only if it lowers the NLL of held-out validation
+            folds (:func:`mtcls.calibration.fit_calibration`); thresholds are mapped onto the
+            calibrated scores. The exported model config carries the best epoch's calibration, and
+            training_summary.json lists it with the validation ECE before and after.
         length_grouping: Batches pad to their longest row; rows are sorted by length within
             windows of this many batches, then the batches are shuffled (1 = off).
         num_workers: Ray Train workers (DDP).

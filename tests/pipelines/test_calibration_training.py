@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mtcls import HeadSpec
+from mtcls.calibration import calibrate_spec, uncalibrate_spec
 from pipelines.train.loop import validate
 from tests.conftest import tiny_model
 
@@ -107,3 +109,18 @@ def test_two_workers_fit_the_same_temperatures_as_one():
         assert mine["labelled_rows"] == one["labelled_rows"]
     for head in ("type", "sphere"):  # arg-max decisions: the temperature's last bits cannot flip them
         assert out[0]["reports"][head]["profile"]["mix"] == single["reports"][head]["profile"]["mix"]
+
+
+def test_a_warm_started_calibrated_head_is_validated_on_raw_scores_and_keeps_its_calibration():
+    model = tiny_model(heads=HEADS, seed=3)
+    calibrated = calibrate_spec(model.specs["tags"], 2.0, [0.5, 1.0, 1.5])
+    specs = [calibrated if s.name == "tags" else s for s in model.specs.values()]
+    result = validate(model, Shard(), specs, 16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
+    head = HeadSpec.from_dict(result["reports"]["tags"]["head"])
+    assert head.temperature == 2.0 and head.logit_offset == [0.5, 1.0, 1.5]
+    tuned = result["reports"]["tags"]["tuned_thresholds"]
+    assert head.thresholds == tuned["thresholds"]  # exported on the calibrated scale...
+    assert uncalibrate_spec(head).thresholds == pytest.approx(tuned["raw_thresholds"], abs=1e-9)  # ...tuned on the raw one
+    plain = validate(model, Shard(), list(model.specs.values()), 16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
+    assert plain["reports"]["tags"]["tuned_thresholds"]["raw_thresholds"] == tuned["raw_thresholds"]
+    assert plain["metrics"]["tags_tuned_macro_f1"] == result["metrics"]["tags_tuned_macro_f1"]
