@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -197,8 +198,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/goemotions/train.parquet"))
     parser.add_argument("--only", default="host_ceiling,minilm,memory,progress,pipelines,budget")
     parser.add_argument("--block-rows", type=int, default=ScoreConfig.block_rows, help="the job's block_rows")
+    parser.add_argument("--stage-stats", action="store_true",
+                        help="log Ray Data's per-stage wall and CPU times after every job (stderr)")
     args = parser.parse_args()
     only = set(args.only.split(","))
+    if args.stage_stats:
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("pipelines.score.run").setLevel(logging.DEBUG)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     data = Path(args.data)
