@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import mtcls  # noqa: E402
-from score_throughput import HEADS, bench_job, save_model, steady, write_corpus  # noqa: E402
+from score_throughput import HEADS, bench_job, corpus_texts, save_model, steady, write_corpus  # noqa: E402
 
 
 def parts(out: Path) -> list[Path]:
@@ -82,11 +82,9 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    data = Path(args.data)
-    if not data.is_file():
-        print(json.dumps({"skipped": f"{data} not found (needs ../shared/data)"}))
+    texts = corpus_texts(Path(args.data))
+    if texts is None:
         return
-    texts = pq.read_table(data, columns=["text"]).column("text").to_pylist()
 
     import ray
     from transformers import AutoTokenizer

@@ -264,15 +264,15 @@ def fit_calibration(spec: HeadSpec, logits: Array, labels: np.ndarray, folds: in
         return out
     out["fitted_temperature"] = fitted
     fold = np.arange(len(z)) % max(int(folds), 2)
-    raw = calibrated = 0.0
+    raw = calibrated = n = 0.0
     for k in np.unique(fold):
         held, rest = fold == k, fold != k
         t = fit_temperature(spec, z[rest], y[rest], offset=offset)
         if t is None:
             continue
-        raw += float(spec.impl.calibration_nll(spec, z[held], y[held])[0])
+        total, count = spec.impl.calibration_nll(spec, z[held], y[held])
+        raw, n = raw + float(total), n + float(count)
         calibrated += float(spec.impl.calibration_nll(spec, scaled_logits(z[held], t, offset), y[held])[0])
-    n = float(spec.impl.calibration_nll(spec, z, y)[1])
     if raw > 0:
         gain = 1.0 - calibrated / raw
         out.update(heldout_nll_raw=raw / n, heldout_nll_calibrated=calibrated / n, heldout_gain=gain)

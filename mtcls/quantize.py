@@ -27,7 +27,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,8 +89,40 @@ def _eager_attention(encoder: nn.Module):
             setter(before)
 
 
-def export_int8(model: MultiTaskModel, target: Path) -> Path:
+#: The ONNX node types whose weights are stored in int8.
+QUANTIZED_OPS = ("MatMul", "Attention")
+
+
+def fp32_nodes(path: Path) -> list[str]:
+    """The MatMul nodes left in fp32: each transformer layer's feed-forward output projection.
+
+    Its input is the GELU output of the wide intermediate layer, where transformer activations
+    have their largest outliers; one int8 scale per batch for that tensor is what loses the most
+    precision. Keeping these projections (a third of the encoder's MatMul FLOPs) in fp32 raised
+    OLID's per-row agreement with fp32 from 98.4-98.8% to 99.1-99.3% (``benchmarks/RESULTS.md``).
+    Matched by the exported node names (``.../layer.N/output/dense/MatMul``, not the attention
+    output); an encoder whose names differ is quantized whole.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name]
+
+
+def export_int8(model: MultiTaskModel, target: Path, op_types: Sequence[str] = QUANTIZED_OPS,
+                keep_fp32: Callable[[Path], list[str]] = fp32_nodes, reduce_range: bool = False) -> Path:
     """Exports and quantizes the model's encoder to ``target`` (an ONNX file).
+
+    The defaults are the route jobs use; the other settings exist to compare variants
+    (``benchmarks/int8_variants.py``).
+
+    Args:
+        model: The model (only its encoder and pooling are exported).
+        target: The ONNX file to write.
+        op_types: ONNX node types whose weights are quantized.
+        keep_fp32: Names of the nodes to leave in fp32, from the fused graph's file.
+        reduce_range: 7-bit weights (the quantizer's ``reduce_range``).
 
     Raises:
         RuntimeError: When the int8 route cannot run here or the encoder cannot be exported,
@@ -120,31 +152,10 @@ def export_int8(model: MultiTaskModel, target: Path) -> Path:
                                f"{type(exc).__name__}: {exc}") from exc
         model.eval()  # the exporter restores the wrapper's mode on every submodule
         source = _fuse(raw, model.encoder.config, Path(tmp))
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=fp32_nodes(source),
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
+                         op_types_to_quantize=list(op_types), nodes_to_exclude=keep_fp32(source),
                          extra_options={"DefaultTensorType": 1})
     return target
-
-
-#: The ONNX node types whose weights are stored in int8.
-QUANTIZED_OPS = ("MatMul", "Attention")
-
-
-def fp32_nodes(path: Path) -> list[str]:
-    """The MatMul nodes left in fp32: each transformer layer's feed-forward output projection.
-
-    Its input is the GELU output of the wide intermediate layer, where transformer activations
-    have their largest outliers; one int8 scale per batch for that tensor is what loses the most
-    precision. Keeping these projections (a third of the encoder's MatMul FLOPs) in fp32 raised
-    OLID's per-row agreement with fp32 from 98.4-98.8% to 99.1-99.3% (``benchmarks/RESULTS.md``).
-    Matched by the exported node names (``.../layer.N/output/dense/MatMul``, not the attention
-    output); an encoder whose names differ is quantized whole.
-    """
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [n.name for n in graph.node
-            if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name]
 
 
 def _fuse(raw: Path, config: Any, tmp: Path) -> Path:

@@ -324,7 +324,7 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
     stats = {s.name: empty_statistics(s) for s in specs}
     tuned = [s for s in specs if tune_bins and s.impl.tuned_in_training]
     hists = {s.name: {"pos": np.zeros((s.num_labels, tune_bins), np.int64), "neg": np.zeros((s.num_labels, tune_bins), np.int64)} for s in tuned}
-    raw = {s.name: s for s in specs}
+    raw = {s.name: s for s in specs}  # thresholds on the raw scores
     for name, (z, y) in local.items():
         stats[name] = merge_statistics(stats[name], head_statistics(scored[name], y, calibrated_probabilities(scored[name], z).numpy()))
         if name in hists:  # tuned on the raw scores, then mapped: calibration never moves a decision
@@ -343,6 +343,7 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
     metrics["mean_macro_f1"] = float(np.mean(list(metrics.values())))
     for name, result in calibration.items():
         reports[name]["calibration"] = result
+    # The heads as exported: calibration, and thresholds tuned then mapped to the calibrated scores.
     exported = dict(scored)
     for spec in tuned:
         result = _tuned_macro_f1(spec, hists[spec.name])
@@ -350,11 +351,9 @@ def validate(model: MultiTaskModel, shard: Any, specs: list[HeadSpec], batch_siz
         result["raw_thresholds"], result["thresholds"] = result["thresholds"], exported[spec.name].label_thresholds()
         reports[spec.name]["tuned_thresholds"] = result
         metrics[f"{spec.name}_tuned_macro_f1"] = result["macro_f1"]
-    # The heads as exported: calibration, and thresholds tuned then mapped to the calibrated scores.
-    for spec in specs:
-        reports[spec.name]["head"] = exported[spec.name].to_dict()
-    exported = list(exported.values())
-    for name, prof in reference_profiles(exported, local, world).items():
+    for name, head in exported.items():
+        reports[name]["head"] = head.to_dict()
+    for name, prof in reference_profiles(list(exported.values()), local, world).items():
         reports[name]["profile"] = prof
     return {"metrics": metrics, "reports": reports}
 
