@@ -8,7 +8,8 @@ On GoEmotions texts (max 128 tokens), figures named as in issue 11:
                 of everything around the model (read, tokenize, batch, decode, write, commit);
   minilm        the job's steady-state rows/s with all-MiniLM-L6-v2 + 3 heads against the bare forward
                 pass at the same precision (pre-tokenized, token-budget batches), measured right before
-                and after the jobs; with --repeats K, K rounds and the median ratio;
+                and after the jobs; with --repeats K, K rounds and the median ratio; the CPU seconds
+                each process used during the 10x run (the inference actor against the rest);
   memory        peak RSS of all Ray processes and the driver, for the 1x and the 10x run;
   progress      rows visible while a job runs; a job killed once 30% is visible, then rerun: the share
                 of rows the rerun scores;
@@ -90,6 +91,29 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def cpu_seconds_by_process() -> dict[str, float]:
+    """User + system CPU seconds of every live process, keyed ``"<pid> <command line, cut>"``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        out[f"{pid} {command[:70]}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_used_during(before: dict[str, float], after: dict[str, float], top: int = 8) -> dict:
+    """Where the CPU went between two :func:`cpu_seconds_by_process` snapshots: the busiest processes, the rest summed."""
+    used = sorted(((after[k] - before.get(k, 0.0), k) for k in after), reverse=True)
+    return {"total_s": round(sum(u for u, _ in used), 2),
+            "top": {k: round(u, 2) for u, k in used[:top]}, "others_s": round(sum(u for u, _ in used[top:]), 2)}
 
 
 def corpus_texts(data: Path) -> list[str] | None:
@@ -268,7 +292,9 @@ def main() -> None:
             torch.set_num_threads(os.cpu_count() or 1)
             before = bench_forward(minilm, tokenizer, forward_texts)
             small = bench_job(small_corpus, model_dir, work / f"o3_{k}", block_rows=args.block_rows)
+            cpu_before = cpu_seconds_by_process()
             large = bench_job(large_corpus, model_dir, work / f"o4_{k}", block_rows=args.block_rows)
+            large["cpu_by_process"] = cpu_used_during(cpu_before, cpu_seconds_by_process())
             torch.set_num_threads(os.cpu_count() or 1)
             after = bench_forward(minilm, tokenizer, forward_texts)
             rate, forward = steady(small, large), (before + after) / 2

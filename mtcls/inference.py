@@ -28,7 +28,8 @@ from mtcls.precision import Precision, resolve_precision
 from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 
 #: Token budgets per forward pass. CPU: measured (benchmarks/RESULTS.md, issue 11): 1024-2048 tokens are
-#: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent); large batches.
+#: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent; the sweep in
+#: benchmarks/gpu_throughput.py is what should set it); large batches.
 DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
 MAX_BATCH_ROWS = 1024
 #: Key under which :meth:`InferenceEngine.predict_tokens` returns the pooled encoder features when
