@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,31 +43,31 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import mtcls  # noqa: E402
 from mtcls.inference import DEFAULT_MAX_TOKENS, token_budget_batches  # noqa: E402
 from pipelines.score import ScoreConfig  # noqa: E402
-from score_throughput import HEADS, bench_job, corpus_texts, save_model, steady, write_corpus  # noqa: E402
+from score_throughput import HEADS, Sampler, bench_job, corpus_texts, save_model, steady, write_corpus  # noqa: E402
 
 LONG_TOKENS = 128
 
 
-class GpuSampler:
+class GpuSampler(Sampler):
     """``nvidia-smi`` utilisation of every GPU, sampled in a thread; no samples where there is no ``nvidia-smi``."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    interval = 0.2
+
+    def __init__(self) -> None:
+        super().__init__()
         self.samples: list[list[float]] = []
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self.available = shutil.which("nvidia-smi") is not None
 
-    def _run(self) -> None:
-        while self.available and not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True)
-            try:
-                if out.returncode == 0:
-                    self.samples.append([float(v) for v in out.stdout.split()])
-            except ValueError:  # "[N/A]" (MIG): no figure
-                self.available = False
-            time.sleep(self.interval)
+    def sample(self) -> None:
+        if not self.available:
+            return
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+        try:
+            if out.returncode == 0:
+                self.samples.append([float(v) for v in out.stdout.split()])
+        except ValueError:  # "[N/A]" (MIG): no figure
+            self.available = False
 
     def summary(self) -> dict | None:
         if not self.samples:
@@ -78,14 +77,6 @@ class GpuSampler:
         per_gpu = list(zip(*self.samples))
         return {"samples": len(self.samples), "mean_percent_per_gpu": [round(statistics.fmean(g), 1) for g in per_gpu],
                 "middle_80pct_mean_percent_per_gpu": [round(statistics.fmean(g), 1) for g in zip(*middle)]}
-
-    def __enter__(self) -> "GpuSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bert_base(tokenizer) -> mtcls.MultiTaskModel:

@@ -55,15 +55,40 @@ HEADS = [
 ]
 
 
-class RssSampler:
-    """Peak summed RSS of the Ray processes (workers, raylet, GCS) and this driver."""
+class Sampler:
+    """Calls :meth:`sample` every ``interval`` seconds in a thread, between ``__enter__`` and ``__exit__``."""
+
+    interval = 0.25
 
     def __init__(self) -> None:
-        self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _total(self) -> int:
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class RssSampler(Sampler):
+    """Peak summed RSS of the Ray processes (workers, raylet, GCS) and this driver."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def sample(self) -> None:
         total = 0
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -77,20 +102,7 @@ class RssSampler:
                         total += int(line.split()[1]) * 1024
             except (OSError, ValueError):
                 continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            time.sleep(0.25)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.peak = max(self.peak, total)
 
 
 def cpu_seconds_by_process() -> dict[str, float]:
@@ -162,6 +174,8 @@ def bench_tokenizer(tokenizer, texts: list[str]) -> float:
 
 
 def bench_forward(model, tokenizer, texts: list[str], precision: str = "fp32", max_tokens: int | None = None) -> float:
+    """The bare forward on every CPU (pre-tokenized rows, token-budget batches), rows/s."""
+    torch.set_num_threads(os.cpu_count() or 1)
     tokens = mtcls.tokenize_flat(tokenizer, texts, 128)
     engine = mtcls.InferenceEngine(model, tokenizer, precision, device="cpu", max_tokens_per_batch=max_tokens)
     engine.predict_tokens(tokens.rows()[:64])  # warm-up
@@ -269,7 +283,8 @@ def main() -> None:
     tiny = save_model(tiny_model(tokenizer), tokenizer, work / "tiny")
     # A throwaway run first: the first job of a Ray session also starts its workers (imports torch, transformers),
     # which would slow the 1x run only and inflate every steady-state figure.
-    bench_job(corpus(2_000, "warm"), tiny, work / "o0", block_rows=args.block_rows)
+    if only & {"host_ceiling", "minilm", "memory"}:
+        bench_job(corpus(2_000, "warm"), tiny, work / "o0", block_rows=args.block_rows)
     if "host_ceiling" in only:
         small = bench_job(corpus(20_000, "tiny_1x"), tiny, work / "o1", block_rows=args.block_rows)
         large = bench_job(corpus(200_000, "tiny_10x"), tiny, work / "o2", block_rows=args.block_rows)
@@ -289,13 +304,11 @@ def main() -> None:
         for k in range(args.repeats):
             # The bare forward right before and right after the job pair: the ratio compares like with like
             # on a machine whose speed drifts between minutes.
-            torch.set_num_threads(os.cpu_count() or 1)
             before = bench_forward(minilm, tokenizer, forward_texts)
             small = bench_job(small_corpus, model_dir, work / f"o3_{k}", block_rows=args.block_rows)
             cpu_before = cpu_seconds_by_process()
             large = bench_job(large_corpus, model_dir, work / f"o4_{k}", block_rows=args.block_rows)
             large["cpu_by_process"] = cpu_used_during(cpu_before, cpu_seconds_by_process())
-            torch.set_num_threads(os.cpu_count() or 1)
             after = bench_forward(minilm, tokenizer, forward_texts)
             rate, forward = steady(small, large), (before + after) / 2
             rounds.append({"job_steady_rows_per_s": rate, "forward_rows_per_s": forward, "forward_before_after": [before, after],
