@@ -11,6 +11,10 @@ from mtcls.heads import HeadSpec, HeadSpecError, validate_heads
 POOLING_MODES = ("cls", "mean")
 
 
+#: Encoders whose position ids start after the padding index.
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod"})
+
+
 class MultiTaskConfig(PretrainedConfig):
     """Configuration of a :class:`~mtcls.modeling.MultiTaskModel`.
 
@@ -75,6 +79,20 @@ class MultiTaskConfig(PretrainedConfig):
         data = dict(self.encoder)
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The most tokens per row the encoder's position embeddings allow; None when it has no such limit.
+
+        RoBERTa-style encoders (XLM-R, CamemBERT, PhoBERT ...) number positions from
+        ``pad_token_id + 1``, so they allow ``max_position_embeddings - pad_token_id - 1``.
+        """
+        limit = self.encoder.get("max_position_embeddings") or self.encoder.get("n_positions")
+        if not isinstance(limit, int) or limit <= 0:
+            return None
+        if self.encoder.get("model_type") in _OFFSET_POSITIONS:
+            limit -= int(self.encoder.get("pad_token_id") or 0) + 1
+        return limit
 
     @property
     def hidden_size(self) -> int:

@@ -3,124 +3,139 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from pydantic import Field, field_validator, model_validator
 
 from mtcls.profile import DEFAULT_DRIFT_THRESHOLD
-from pipelines.config import ConfigError, check_inference_precision, require_at_least
+from pipelines.config import ConfigError, InferencePrecision, JobConfig, check_inference_precision
 
-#: Allowed ``embedding_dtype`` values.
-EMBEDDING_DTYPES = ("float32", "float16")
+EmbeddingDtype = Literal["float32", "float16"]
+"""Allowed ``embedding_dtype`` values."""
+
+#: Allowed ``embedding_dtype`` values, as a tuple.
+EMBEDDING_DTYPES: tuple[str, ...] = get_args(EmbeddingDtype)
 
 
-@dataclass
-class ScoreConfig:
-    """Config of ``jobs.score``. Every key can be set in YAML or as ``key=value``.
+class ScoreConfig(JobConfig):
+    """Config of ``jobs.score``. Every key can be set in YAML or as ``key=value``."""
 
-    Attributes:
-        input: Parquet file or directory, any fsspec URI. Empty: the embedded demo corpus.
-        output: Output directory URI.
-        model: Saved model directory (local or URI). Empty: the embedded default model.
-        text_columns: Columns joined (with the tokenizer's separator) into the text to classify.
-        id_column: Row identifier, copied first into the output.
-        passthrough_columns: Further input columns copied into the output.
-        embeddings: Add an ``embedding`` column: the pooled encoder output the heads see, one
-            fixed-size vector (the encoder's hidden size) per row, null for rows with an ``error``.
-            The encoder's identity (weights hash, pooling, max length) goes into the metadata.
-        embedding_dtype: Element type of the ``embedding`` column: ``float32`` or ``float16``
-            (half the bytes).
-        from_embeddings: Heads-only scoring: ``input`` is a table with an ``embedding`` column (an
-            output of ``embeddings=true``) and only the heads run, on those vectors: no tokenizer,
-            no encoder, CPU actors even on a GPU cluster. The encoder identity recorded in the
-            input's metadata must match the model's encoder. ``text_columns`` and
-            ``max_tokens_per_batch`` are not used; ``precision`` must be ``auto`` or ``fp32`` (the
-            heads run at fp32); ``truncated`` is copied from the input (null if it has none); rows
-            with a null vector get an ``error`` (``no embedding: ...``). With ``embeddings=true``
-            the vectors are copied into the output.
-        heads: Score only these heads of the model (only their columns are written; heads they
-            read through ``inputs_from`` still run); empty: every head.
-        max_length: Token limit per row; 0 uses the model's ``max_seq_length``.
-        max_tokens_per_batch: Token budget per forward pass (rows x longest row, after
-            length-sorting each block); 0 picks the device's default (2048 on CPU, 65536 on GPU).
-        block_rows: Rows per actor call (the unit of length sorting).
-        num_actors: Inference actors; 0 plans from the cluster (one per GPU, else CPUs minus one).
-        num_gpus_per_actor: GPUs per actor; -1 uses 1 when the cluster has GPUs, else 0.
-        num_cpus_per_actor: CPUs Ray reserves per actor.
-        torch_threads: CPU threads per actor for inference; 0 = all CPUs of the node (see README).
-        precision: ``auto`` (bf16/fp16 autocast on GPU; on CPU bf16 where the CPU has native bf16,
-            else fp32), ``fp32``, ``bf16``, ``fp16``, or ``int8`` (CPU actors; needs the ``int8`` extra).
-        rows_per_file: Rows per work unit: consecutive row groups of one input file, about this
-            many rows, become one output file (a few when a kill interrupted it).
-        lock_timeout_s: A job holding the output that has not renewed its lease for this long is
-            considered dead and its lock is taken over (the lease is renewed every
-            ``min(15, lock_timeout_s / 4)`` seconds).
-        overwrite: Delete any existing output first (otherwise a rerun resumes).
-        progress: Show Ray Data progress bars.
-        profile: Record each head's prediction profile (prediction mix, score histogram; see
-            ``mtcls.profile``) per output file, merged into the manifest's ``profile``, and compare
-            it with the model's reference profile (``drift``).
-        drift_threshold: A head whose prediction-mix PSI against the model's reference profile
-            exceeds this is flagged in the manifest's ``drift`` and logged (0.2: the usual
-            "significant shift" level).
-        fail_on_drift: After writing everything and ``_SUCCESS``, exit non-zero when a head is
-            flagged, so a scheduler can alert.
-    """
+    input: str = Field("", description=(
+        "Parquet file or directory, any fsspec URI (local, `s3://`, `gs://` ...). Empty: the embedded demo corpus."))
+    output: str = Field("outputs/score", description="Output directory URI.")
+    model: str = Field("", description=(
+        "Saved model directory (local or URI), with its tokenizer. Empty: the embedded default model."))
+    text_columns: list[str] = Field(default_factory=lambda: ["text"], description=(
+        "Columns joined with the tokenizer's separator into the text to classify; a row needs at least "
+        "one non-empty."))
+    id_column: str = Field("id", description=(
+        "Row identifier, copied first into the output; rows are matched by id, never by order."))
+    passthrough_columns: list[str] = Field(default_factory=list, description=(
+        "More input columns to copy into the output."))
+    embeddings: bool = Field(False, description=(
+        "Also write the `embedding` column: the pooled encoder output the heads see, one fixed-size "
+        "vector (the encoder's hidden size) per row, null for rows with an `error` (see "
+        "[Output table](#output-table)). The encoder's identity (weights hash, pooling, max length) "
+        "goes into the metadata."))
+    embedding_dtype: EmbeddingDtype = Field("float32", description=(
+        "Element type of the `embedding` column: `float32`, or `float16` (half the bytes)."))
+    from_embeddings: bool = Field(False, description=(
+        "Heads-only scoring: `input` is an output written with `embeddings=true` and only the heads "
+        "run, on its vectors: no tokenizer, no encoder, CPU actors even on a GPU cluster. The encoder "
+        "identity recorded in the input's metadata must match the model's encoder. `text_columns` and "
+        "`max_tokens_per_batch` are not used; `precision` must be `auto` or `fp32` (the heads run at "
+        "fp32); `truncated` is copied from the input (null if it has none); rows with a null vector "
+        "get an `error` (`no embedding: ...`). With `embeddings=true` the vectors are copied into the "
+        "output. See [Heads-only rescoring](#heads-only-rescoring)."))
+    heads: list[str] = Field(default_factory=list, description=(
+        "Score only these heads of the model; only their columns are written (heads they read "
+        "through `inputs_from` still run). Empty: every head."))
+    max_length: int = Field(0, ge=0, description=(
+        "Token limit per row; longer rows are truncated and flagged. 0: the model's `max_seq_length`."))
+    max_tokens_per_batch: int = Field(0, ge=0, description=(
+        "Token budget per forward pass: rows x longest row, after length-sorting each block. 0 picks "
+        "the device's default (2048 on CPU, 65536 on GPU)."))
+    block_rows: int = Field(4096, ge=1, description=(
+        "Rows per actor call (the unit of length sorting; larger blocks pad less)."))
+    num_actors: int = Field(0, ge=0, description=(
+        "Inference actors; 0 plans from the cluster: one per GPU, on CPU all CPUs but one (read and "
+        "write tasks keep one, so the job never hangs)."))
+    num_gpus_per_actor: float = Field(-1, description="GPUs per actor; -1: 1 when the cluster has GPUs, else 0.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per actor.")
+    torch_threads: int = Field(0, ge=0, description=(
+        "CPU inference threads per actor; 0: the node's CPUs divided between the actors (GPU actors: "
+        "`num_cpus_per_actor`)."))
+    precision: InferencePrecision = Field("auto", description=(
+        "`auto`: on GPU bf16 (or fp16) autocast; on CPU bf16 where the CPU has native bf16, else "
+        "fp32. Or `fp32`, `bf16`, `fp16`, or `int8` (CPU actors; needs the `int8` extra; see "
+        "[Precision](#precision))."))
+    rows_per_file: int = Field(100_000, ge=1, description=(
+        "Rows per work unit: at most this many consecutive rows of one input file (a larger row group "
+        "is read by row range) become one output file (a few when a kill interrupted it)."))
+    lock_timeout_s: float = Field(120.0, ge=1, description=(
+        "Seconds: a job holding the output that has not renewed its lease for this long is considered "
+        "dead and its lock is taken over (the lease is renewed every `min(15, lock_timeout_s / 4)` "
+        "seconds). A holder on the same host whose process is gone is taken over at once."))
+    overwrite: bool = Field(False, description=(
+        "Delete the existing output first (otherwise a rerun resumes). Never touches the input: an "
+        "output on, above or inside the input is refused."))
+    prune_missing: bool = Field(False, description=(
+        "Remove the committed rows of input files that the input no longer lists. Without it such a "
+        "rerun is refused before any work, naming those files."))
+    progress: bool = Field(True, description="Show Ray Data progress bars.")
+    profile: bool = Field(True, description=(
+        "Record each head's prediction profile (prediction mix, score histogram) per output file, "
+        "merged into the manifest's `profile`, and compare it with the model's reference profile "
+        "(`drift`; see \"Drift\")."))
+    drift_threshold: float = Field(DEFAULT_DRIFT_THRESHOLD, description=(
+        "A head whose prediction-mix PSI against the model's reference profile exceeds this is "
+        "flagged in the manifest's `drift` and logged (0.2: the usual \"significant shift\" level)."))
+    fail_on_drift: bool = Field(False, description=(
+        "After writing everything and `_SUCCESS`, exit with status 3 when a head is flagged, so a "
+        "scheduler can alert."))
 
-    input: str = ""
-    output: str = "outputs/score"
-    model: str = ""
-    text_columns: list[str] = field(default_factory=lambda: ["text"])
-    id_column: str = "id"
-    passthrough_columns: list[str] = field(default_factory=list)
-    embeddings: bool = False
-    embedding_dtype: str = "float32"
-    from_embeddings: bool = False
-    heads: list[str] = field(default_factory=list)
-    max_length: int = 0
-    max_tokens_per_batch: int = 0
-    block_rows: int = 4096
-    num_actors: int = 0
-    num_gpus_per_actor: float = -1
-    num_cpus_per_actor: float = 1.0
-    torch_threads: int = 0
-    precision: str = "auto"
-    rows_per_file: int = 100_000
-    lock_timeout_s: float = 120.0
-    overwrite: bool = False
-    progress: bool = True
-    profile: bool = True
-    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
-    fail_on_drift: bool = False
+    @field_validator("output")
+    @classmethod
+    def _output_given(cls, value: str) -> str:
+        if not value:
+            raise ValueError("an output directory is required")
+        return value
 
-    def __post_init__(self) -> None:
-        if not self.output:
-            raise ConfigError("key 'output': an output directory is required")
+    @field_validator("id_column")
+    @classmethod
+    def _id_given(cls, value: str) -> str:
+        if not value:
+            raise ValueError("an id column is required (rows are matched by id, never by order)")
+        return value
+
+    @field_validator("heads")
+    @classmethod
+    def _distinct_heads(cls, value: list[str]) -> list[str]:
+        if not all(value) or len(set(value)) != len(value):
+            raise ValueError(f"expected head names, each once, got {value!r}")
+        return value
+
+    @field_validator("drift_threshold")
+    @classmethod
+    def _positive_threshold(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"must be a positive number, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ScoreConfig":
         if not self.text_columns and not self.from_embeddings:
             raise ConfigError("key 'text_columns': at least one text column is required")
-        if not self.id_column:
-            raise ConfigError("key 'id_column': an id column is required (rows are matched by id, never by order)")
-        if self.lock_timeout_s < 1:
-            raise ConfigError(f"key 'lock_timeout_s': must be >= 1 second, got {self.lock_timeout_s}")
-        require_at_least(self, 1, "block_rows", "rows_per_file")
-        require_at_least(self, 0, "max_length", "max_tokens_per_batch", "num_actors", "torch_threads")
-        if self.num_cpus_per_actor <= 0:
-            raise ConfigError(f"key 'num_cpus_per_actor': must be > 0, got {self.num_cpus_per_actor}")
         if self.from_embeddings and self.precision not in ("auto", "fp32"):
             raise ConfigError(f"key 'precision': from_embeddings runs only the heads, at fp32 on CPU actors; "
                               f"use auto or fp32, got {self.precision!r}")
         if self.from_embeddings and self.num_gpus_per_actor > 0:
             raise ConfigError("key 'num_gpus_per_actor': from_embeddings runs only the heads, on CPU actors; use 0 or -1")
-        if not all(isinstance(h, str) and h for h in self.heads) or len(set(self.heads)) != len(self.heads):
-            raise ConfigError(f"key 'heads': expected head names, each once, got {self.heads!r}")
         check_inference_precision(self)
-        if not (isinstance(self.drift_threshold, (int, float)) and math.isfinite(self.drift_threshold) and self.drift_threshold > 0):
-            raise ConfigError(f"key 'drift_threshold': must be a positive number, got {self.drift_threshold!r}")
         if self.fail_on_drift and not self.profile:
             raise ConfigError("key 'fail_on_drift': needs profile=true (drift is measured on the prediction profile)")
-        if self.embedding_dtype not in EMBEDDING_DTYPES:
-            raise ConfigError(f"key 'embedding_dtype': expected one of {list(EMBEDDING_DTYPES)}, got {self.embedding_dtype!r}")
         # from_embeddings reads no text: text_columns are not used, and may be passed through.
         dup = [c for c in self.passthrough_columns if c == self.id_column or (c in self.text_columns and not self.from_embeddings)]
         if dup:
             raise ConfigError(f"key 'passthrough_columns': {dup} already in id_column or text_columns")
-
-
+        return self

@@ -2,8 +2,8 @@
 
     units (from the input footers, as for text)
       -> read_embeddings   CPU tasks    read the vectors; a null one becomes the row's ``error``
-      -> HeadsActor        CPU actors   the heads and their calibration on the vectors, vectorised decode
-      -> write_units       CPU tasks    unchanged: commits, resume, verification and the lock are the text path's
+      -> InferenceActor    CPU actors   input "pooled": the heads and their calibration on the vectors
+      -> the sink          unchanged: commits, resume, verification and the lock are the text path's
 
 No tokenizer and no encoder pass. Before any work, :func:`check_embedding_input` proves that every
 input file's vectors come from the model's encoder: the file's Parquet metadata (key ``mtcls``,
@@ -12,7 +12,7 @@ written by ``jobs.score embeddings=true``) records the encoder identity
 ``embedding`` column must hold vectors of the encoder's hidden size.
 
 Between the stages a block carries, besides the id, pass-through and internal columns of
-:mod:`pipelines.score.stages`:
+:mod:`pipelines.blocks`:
 
     __embedding  fixed_size_list<float32, H>  the row's vector (zeros where the row has an error)
     error        string                       ``no embedding: ...`` for a row without a vector
@@ -30,17 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtcls import decode_arrow
+from pipelines.blocks import EMBEDDING_IN, ROW, UNIT
 from pipelines.config import ConfigError
-from pipelines.inference import load_shipped_engine
-from pipelines.score.actor import assemble, embedding_array
-from pipelines.score.schema import EMBEDDING_COLUMN, ERROR_COLUMN, METADATA_KEY, TRUNCATED_COLUMN
-from pipelines.score.stages import PRECISION, ROW, UNIT, read_unit
+from pipelines.sink.schema import EMBEDDING_COLUMN, ERROR_COLUMN, METADATA_KEY, TRUNCATED_COLUMN
+from pipelines.sink.units import read_unit
 from pipelines.storage import InputError, Location, read_footer
-
-EMBEDDING_IN = "__embedding"
-#: What a heads-only actor records as its precision (per output file and in the manifest).
-HEADS_ONLY_PRECISION = "fp32\theads only, at fp32 on CPU, on the input's embedding vectors (no encoder pass)"
 
 
 @dataclass
@@ -187,80 +181,3 @@ def _vectors(column: pa.ChunkedArray, width: int, uri: str, rows: np.ndarray, id
     vectors = np.zeros((n, width), np.float32)
     vectors[~null] = values.reshape(-1, width)
     return vectors, null
-
-
-class HeadsActor:
-    """Callable class for ``Dataset.map_batches`` (batch format ``pyarrow``) on blocks of vectors.
-
-    Runs :meth:`mtcls.InferenceEngine.predict_pooled` (the model's heads and calibration, fp32, CPU)
-    on the rows without an error, decodes like :class:`pipelines.score.actor.InferenceActor` and
-    builds the same output block.
-
-    Args:
-        files_ref: ``[ray.put(model files)]``; the model is loaded once per actor (no tokenizer).
-        schema: Schema of the blocks it returns (output columns plus the internal ones to carry).
-        torch_threads: Intra-op threads.
-        heads: Only these heads (the ``heads`` key); None: every head.
-        embedding_dtype: ``float32`` or ``float16``: copy the vectors into the ``embedding``
-            column; None: no such column.
-    """
-
-    def __init__(self, files_ref: list, schema: pa.Schema, torch_threads: int, heads: Optional[list[str]] = None,
-                 embedding_dtype: Optional[str] = None) -> None:
-        self.engine, self._copy = load_shipped_engine(files_ref, torch_threads=max(1, torch_threads), precision="fp32",
-                                                      device="cpu", with_tokenizer=False, heads=heads)
-        self.schema = schema
-        self.embedding_dtype = embedding_dtype
-        self.width = self.engine.model.config.hidden_size
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        errors = batch.column(ERROR_COLUMN)
-        scored = errors.is_null().to_numpy(zero_copy_only=False).astype(bool)
-        column = batch.column(EMBEDDING_IN).combine_chunks()
-        flat = column.values.slice(column.offset * self.width, len(column) * self.width)
-        vectors = flat.to_numpy(zero_copy_only=False).reshape(len(column), self.width)[scored]
-        probs = self.engine.predict_pooled(vectors)
-        columns: dict[str, pa.Array] = {}
-        for name, spec in self.engine.specs.items():
-            columns.update(decode_arrow(spec, probs[name]))
-        if self.embedding_dtype is not None:
-            columns[EMBEDDING_COLUMN] = embedding_array(vectors, self.embedding_dtype)
-        batch = batch.append_column(PRECISION, pa.repeat(pa.scalar(HEADS_ONLY_PRECISION, pa.string()), batch.num_rows))
-        return assemble(self.schema, batch, scored, columns, errors)
-
-
-def check_apart(in_loc: Location, files: list[str], out_loc: Location) -> None:
-    """Refuses an output that holds an input file, or that the input's listing would read.
-
-    Rescoring "in place" would make the job treat its own input as stale output and delete it.
-
-    Raises:
-        ConfigError: Naming ``output``.
-    """
-    if in_loc.protocol != out_loc.protocol:
-        return
-    out = out_loc.path.rstrip("/")
-    inside = [p for p in files if p == out or p.startswith(out + "/")]
-    listed = in_loc.fs.isdir(in_loc.path) and out.startswith(in_loc.path.rstrip("/") + "/") and not any(
-        part.startswith(("_", ".")) for part in out[len(in_loc.path.rstrip("/")) + 1:].split("/"))
-    if inside or listed:
-        raise ConfigError(f"key 'output': {out_loc.uri()!r} overlaps the input {in_loc.uri()!r}; heads-only scoring writes "
-                          "a new output directory (never the one it reads)")
-
-
-def input_errors_unwrapped(batches: Any) -> Any:
-    """Iterates ``batches``; an :class:`InputError` raised in a stage (for example a vector's width,
-    found by :func:`read_embeddings`) is re-raised with its own message only.
-
-    Ray re-raises it (the job sets ``raise_original_map_exception``) as a ``RayTaskError`` that is
-    an ``InputError`` too, but whose message is the remote traceback; the job's exit message
-    should be the one line naming the file and the row.
-    """
-    try:
-        yield from batches
-    except InputError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, InputError) and cause is not exc:
-            message = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
-            raise InputError(message.splitlines()[0] if message else message) from None
-        raise

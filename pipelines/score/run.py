@@ -2,131 +2,148 @@
 
     units (from input footers)
       -> read + join + tokenize      CPU tasks          (pipelines.score.stages)
-      -> batch by tokens + forward   one actor per GPU  (pipelines.score.actor)
-      -> write + commit              CPU tasks          (pipelines.score.stages)
-      -> the driver counts committed rows as they come, then verifies the output from disk
+      -> batch by tokens + forward   one actor per GPU  (pipelines.actor.InferenceActor)
+      -> write + commit              CPU tasks          (the sink's write stage: pipelines.sink)
+      -> the driver counts committed rows as they come, then verifies the output from storage
 
-With ``from_embeddings`` (heads only), the first two stages read an earlier output's ``embedding``
-column and run only the heads on CPU actors (:mod:`pipelines.score.heads_only`); the rest is the same.
+With ``from_embeddings`` (heads only), the source stage reads an earlier output's ``embedding``
+column (:mod:`pipelines.score.heads_only`) and the actor runs only the heads; the rest is the same.
 
-The output directory and its commit metadata are described in :mod:`pipelines.score.output`. A
-kill at any moment loses only the rows in flight: a rerun skips every row already committed.
+A kill at any moment loses only the rows in flight: a rerun skips every row already committed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 
 from mtcls import MultiTaskConfig, MultiTaskModel, encoder_identity, text_separator
 from mtcls.profile import load_reference
+from pipelines.actor import InferenceActor, ScoredColumns
 from pipelines.artifacts import localize_model, model_identity
+from pipelines.blocks import PRECISION, PRECISION_TYPE, ROW, UNIT
+from pipelines.config import ConfigError, config_to_dict
 from pipelines.inference import shipped_model_files
-from pipelines.demo.corpus import default_corpus_dir
-from pipelines.demo.default_model import default_model_dir
 from pipelines.resources import ScoringPlan, plan_scoring
 from pipelines.runtime import init_ray
-from pipelines.score.actor import InferenceActor
 from pipelines.score.config import ScoreConfig
 from pipelines.score.drift import drift_section, profile_section
-from pipelines.score.lock import OutputLock
-from pipelines.score.output import OutputDir, Verification, check_layout
-from pipelines.score.records import checksum_file
-from pipelines.score.heads_only import (EmbeddingSource, HeadsActor, check_apart, check_embedding_input, input_errors_unwrapped,
-                                        read_embeddings)
-from pipelines.score.schema import embedding_type, output_schema, selected_heads
-from pipelines.score.stages import PRECISION, ROW, UNIT, read_and_tokenize, write_units
-from pipelines.score.units import InputFile, plan_units
-from pipelines.storage import inspect_parquet, list_parquet_files, locate, write_json
+from pipelines.score.heads_only import EmbeddingSource, check_embedding_input, read_embeddings
+from pipelines.score.stages import read_and_tokenize
+from pipelines.sink.base import Verification
+from pipelines.sink.parquet import ParquetSink, check_layout
+from pipelines.sink.paths import check_apart
+from pipelines.sink.records import checksum_file, id_type_ok
+from pipelines.sink.schema import embedding_type, output_schema, selected_heads
+from pipelines.sink.units import InputFile, Unit, plan_units
+from pipelines.storage import InputError, inspect_parquet, list_parquet_files, locate, redact_uri, redact_uris
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0
 
 
+@dataclass
+class _Plan:
+    """What the driver settled before any work."""
+
+    model_dir: Any
+    model_config: MultiTaskConfig
+    identity: dict[str, Any]
+    schema: pa.Schema
+    units: list[Unit]
+    inputs: dict[str, InputFile]
+    encoder: Optional[dict[str, Any]]
+    max_length: int
+
+
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Scores every input row not yet in the output, verifies the output and writes the manifest.
 
-    Starts a local Ray if none is running. An empty ``input`` scores the embedded demo corpus and an
-    empty ``model`` uses the embedded default model (trained on first use).
+    Starts a local Ray if none is running. ``input`` and ``model`` must be given (``jobs.score``
+    fills in the embedded demo corpus and default model when they are empty).
 
     Returns:
         The manifest (also written to ``<output>/_manifest.json``).
 
     Raises:
-        InputError: Missing input, unreadable or corrupt Parquet, missing columns, or an output
-            held by another live job: before any output is written.
+        ConfigError: A key that cannot work with this input or model: before any work.
+        InputError: Missing input, unreadable or corrupt Parquet, missing columns, an id column
+            that cannot identify rows, or an output held by another live job: before any output
+            is written.
+        LockLostError: Another job took the output over; this job committed nothing after that.
     """
     started = time.time()
-    if not cfg.input:
-        cfg = dataclasses.replace(cfg, input=str(default_corpus_dir() / "test.parquet"))
-        log.info("no input given: scoring the embedded demo corpus %s", cfg.input)
-    model_uri = cfg.model or str(default_model_dir())
-    model_dir = localize_model(model_uri)
-    in_loc, out_loc = locate(cfg.input), locate(cfg.output)
-    files = list_parquet_files(in_loc)
-    passthrough = [cfg.id_column, *cfg.passthrough_columns]
-    model_config = MultiTaskConfig.from_pretrained(model_dir)
-    specs = selected_heads(model_config.head_specs(), cfg.heads)
-    # Heads-only (from_embeddings): the input's vectors must come from the model's encoder.
-    source = _embedding_source(cfg, in_loc, out_loc, files, model_dir, model_config) if cfg.from_embeddings else None
-    needed = list(dict.fromkeys([*passthrough, *(cfg.text_columns if source is None else [])]))
-    in_schema, _ = inspect_parquet(in_loc, files, needed)
-    identity = model_identity(model_dir, model_uri)
-    encoder = source.encoder if source else _encoder_identity(cfg, model_dir, model_config) if cfg.embeddings else None
-    schema = output_schema(specs, pa.schema([in_schema.field(c) for c in passthrough]),
-                           identity, cfg.text_columns if source is None else source.text_columns,
-                           embedding=embedding_type(model_config.hidden_size, cfg.embedding_dtype) if cfg.embeddings else None,
-                           encoder_identity=encoder)
-    units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
-    model_files = shipped_model_files(model_dir, cfg.precision)
-
-    out = OutputDir(out_loc)
-    out.check_owner(cfg.overwrite)
-    with OutputLock(out_loc, timeout_s=cfg.lock_timeout_s, heartbeat_s=min(15.0, cfg.lock_timeout_s / 4)) as lock:
-        out.prepare(cfg.overwrite)
-        kept, stale = out.resume(units, inputs)
-        check_layout(kept, schema, out_loc.uri())
-        pending = [u for u in units if u.pending_rows]
-        success = out_loc.join("_SUCCESS")
-        if stale or pending:
-            if out_loc.fs.exists(success.path):
-                out_loc.fs.rm(success.path)  # incomplete until the new rows are in
+    if not cfg.input or not cfg.model:
+        raise ConfigError(f"key '{'input' if not cfg.input else 'model'}': run_score needs it (jobs.score fills in the embedded default)")
+    plan = _plan(cfg)
+    sink = ParquetSink(locate(cfg.output), lock_timeout_s=cfg.lock_timeout_s, prune_missing=cfg.prune_missing,
+                       owner={"job": "score"})
+    with sink.open(cfg.overwrite):
+        resume = sink.resume(plan.units, plan.inputs)
+        check_layout(resume.kept, plan.schema, sink.loc.uri())
+        pending = [u for u in plan.units if u.pending_rows]
+        if resume.stale or pending:
+            sink.mark_incomplete()  # incomplete until the new rows are in
         init_ray()
         import ray
 
         timings = {"setup_s": time.time() - started}
         score_started = time.time()
-        plan = plan_scoring(cfg, ray.cluster_resources())
-        scored, used = _score_units(cfg, plan, units, pending, inputs, in_loc, out, schema, model_dir, model_files, model_config) if pending else (0, {})
+        resources = plan_scoring(cfg, ray.cluster_resources())
+        scored, used = _score_units(cfg, resources, plan, pending, sink) if pending else (0, {})
         timings["scoring_s"] = time.time() - score_started
-        verification = out.verify(inputs, _checksum_fanout(cfg.id_column))
+        verification = sink.verify(plan.inputs, _checksum_fanout(cfg.id_column))
         timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
         timings["total_s"] = time.time() - started
-        manifest = _manifest(cfg, identity, schema, inputs, verification, scored, timings, stale, encoder)
-        manifest["resources"] = vars(plan)
+        manifest = _manifest(cfg, plan, verification, scored, timings, resume.stale)
+        manifest["resources"] = vars(resources)
         manifest["precision"] = {"requested": cfg.precision, "used_this_run": used}
+        heads = output_heads(plan.model_config, plan.schema)
         # Scores are the heads' probabilities of logits / temperature (mtcls.calibration); none: uncalibrated.
-        manifest["calibration"] = {s.name: s.temperature for s in output_heads(model_config, schema) if s.temperature is not None}
+        manifest["calibration"] = {s.name: s.temperature for s in heads if s.temperature is not None}
         if cfg.profile:
-            heads = output_heads(model_config, schema)
             manifest["profile"] = profile_section(heads, verification)
-            manifest["drift"] = drift_section(heads, verification, load_reference(model_dir), cfg.drift_threshold, model_uri)
-        write_json(out_loc.join("_manifest.json"), manifest)
-        if verification.problems or manifest["rows_out"] != manifest["rows_in"]:
-            raise RuntimeError(
-                f"output {out_loc.uri()} holds {manifest['rows_out']} rows for {manifest['rows_in']} input rows; "
-                f"{'; '.join(verification.problems[:5])}; _SUCCESS not written (rerun to complete it)"
-            )
-        lock.check()
-        with out_loc.fs.open(success.path, "w") as fh:
-            fh.write("")
+            manifest["drift"] = drift_section(heads, verification, load_reference(plan.model_dir), cfg.drift_threshold,
+                                              redact_uri(cfg.model))
+        sink.finish(manifest, verification)
     return manifest
+
+
+def _plan(cfg: ScoreConfig) -> _Plan:
+    """Everything that can fail on a bad config or input, checked before the output is touched."""
+    model_dir = localize_model(cfg.model)
+    in_loc, out_loc = locate(cfg.input), locate(cfg.output)
+    check_apart(in_loc, out_loc)
+    files = list_parquet_files(in_loc)
+    passthrough = [cfg.id_column, *cfg.passthrough_columns]
+    model_config = MultiTaskConfig.from_pretrained(model_dir)
+    specs = selected_heads(model_config.head_specs(), cfg.heads)
+    max_length = cfg.max_length or model_config.max_seq_length
+    limit = model_config.max_positions
+    if limit is not None and max_length > limit:
+        key = "max_length" if cfg.max_length else "max_length (0: the model's max_seq_length)"
+        raise ConfigError(f"key {key!r}: {max_length} tokens is more than the encoder's position embeddings allow ({limit})")
+    source = _embedding_source(cfg, in_loc, files, model_dir, model_config) if cfg.from_embeddings else None
+    needed = list(dict.fromkeys([*passthrough, *(cfg.text_columns if source is None else [])]))
+    in_schema, _ = inspect_parquet(in_loc, files, needed)
+    id_type = in_schema.field(cfg.id_column).type
+    if not id_type_ok(id_type):
+        raise InputError(f"id column {cfg.id_column!r} is {id_type}: it cannot identify rows (an integer, string or binary "
+                         f"column can); choose another id_column")
+    identity = model_identity(model_dir, cfg.model)
+    encoder = source.encoder if source else _encoder_identity(model_dir, max_length) if cfg.embeddings else None
+    schema = output_schema(specs, pa.schema([in_schema.field(c) for c in passthrough]),
+                           identity, cfg.text_columns if source is None else source.text_columns,
+                           embedding=embedding_type(model_config.hidden_size, cfg.embedding_dtype) if cfg.embeddings else None,
+                           encoder_identity=encoder)
+    units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
+    return _Plan(model_dir, model_config, identity, schema, units, inputs, encoder, max_length)
 
 
 def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
@@ -134,8 +151,7 @@ def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
     return [h for h in model_config.head_specs() if f"{h.name}_probs" in schema.names]
 
 
-def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list, inputs: dict[str, InputFile], in_loc: Any, out: OutputDir,
-                 schema: pa.Schema, model_dir: Any, model_files: dict[str, bytes], model_config: MultiTaskConfig) -> tuple[int, dict[str, str]]:
+def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit], sink: ParquetSink) -> tuple[int, dict[str, str]]:
     """The streaming execution.
 
     Returns:
@@ -145,62 +161,59 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     import ray.data
     from transformers import AutoTokenizer
 
-    log.info("%d of %d units to score (%d rows); plan: %s", len(pending), len(units),
-             sum(u.pending_rows for u in pending), plan)
+    log.info("%d of %d units to score (%d rows); plan: %s", len(pending), len(plan.units),
+             sum(u.pending_rows for u in pending), resources)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
     ctx.raise_original_map_exception = True  # a stage's InputError (heads only: a vector's width) stays one
 
-    files = list(inputs)
+    files = list(plan.inputs)
     file_index = {p: i for i, p in enumerate(files)}
-    unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in units]
-    index = {u.key: i for i, u in enumerate(units)}
-    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, pa.string())]
-    carried = pa.schema(list(schema) + internal, metadata=schema.metadata)
-    max_length = cfg.max_length or model_config.max_seq_length
-    embedding_dtype = cfg.embedding_dtype if cfg.embeddings else None
+    unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in plan.units]
+    index = {u.key: i for i, u in enumerate(plan.units)}
+    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, PRECISION_TYPE)]
+    carried = pa.schema(list(plan.schema) + internal, metadata=plan.schema.metadata)
+    in_fs = locate(cfg.input).fs
+    model_files = shipped_model_files(plan.model_dir, cfg.precision)
 
     ds = ray.data.from_items([{"unit": index[u.key]} for u in pending], override_num_blocks=len(pending))
+    engine = dict(torch_threads=resources.torch_threads, heads=cfg.heads or None)
     if cfg.from_embeddings:  # heads only: vectors instead of token ids, no tokenizer, no encoder
         ds = ds.map_batches(
-            read_embeddings, batch_size=1, batch_format="numpy", num_cpus=plan.cpu_stage_cpus,
-            fn_kwargs=dict(units=unit_dicts, in_fs=in_loc.fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns])),
-                           width=model_config.hidden_size, uris=[inputs[p].uri for p in files]),
+            read_embeddings, batch_size=1, batch_format="numpy", num_cpus=resources.cpu_stage_cpus,
+            fn_kwargs=dict(units=unit_dicts, in_fs=in_fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns])),
+                           width=plan.model_config.hidden_size, uris=[plan.inputs[p].uri for p in files]),
         )
-        actor, actor_kwargs = HeadsActor, dict(files_ref=[ray.put(model_files)], schema=carried, torch_threads=plan.torch_threads,
-                                               heads=cfg.heads or None, embedding_dtype=embedding_dtype)
+        inputs = "pooled"
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        tok_files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
+        tokenizer = AutoTokenizer.from_pretrained(plan.model_dir)
+        tok_files = {p.name: p.read_bytes() for p in plan.model_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
         digest = hashlib.sha1(b"".join(tok_files[k] for k in sorted(tok_files))).hexdigest()
         ds = ds.map_batches(
-            read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=plan.cpu_stage_cpus,
-            fn_kwargs=dict(units=unit_dicts, in_fs=in_loc.fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
-                           text_columns=cfg.text_columns, separator=text_separator(model_config, tokenizer),
-                           max_length=max_length, tokenizer_ref=[ray.put((tok_files, digest))]),
+            read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=resources.cpu_stage_cpus,
+            fn_kwargs=dict(units=unit_dicts, in_fs=in_fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
+                           text_columns=cfg.text_columns, separator=text_separator(plan.model_config, tokenizer),
+                           max_length=plan.max_length, tokenizer_ref=[ray.put((tok_files, digest))]),
         )
-        actor, actor_kwargs = InferenceActor, dict(files_ref=[ray.put(model_files)], schema=carried, max_length=max_length,
-                                                   max_tokens_per_batch=cfg.max_tokens_per_batch, torch_threads=plan.torch_threads,
-                                                   precision=cfg.precision, embedding_dtype=embedding_dtype, heads=cfg.heads or None)
+        inputs = "tokens"
+        engine.update(max_length=plan.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision)
     ds = ds.map_batches(
-        actor, batch_size=cfg.block_rows, batch_format="pyarrow", fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+        InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], inputs=inputs, output=ScoredColumns(carried), **engine),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.num_actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
     )
-    ds = ds.map_batches(
-        write_units, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=plan.cpu_stage_cpus,
-        fn_kwargs=dict(units=unit_dicts, schema=schema, out_fs=out.loc.fs, out_root=out.loc.path, staging=out.staging.path,
-                       input_uris=[inputs[p].uri for p in files], fingerprints=[inputs[p].fingerprint for p in files],
-                       profile_heads=[h.to_dict() for h in output_heads(model_config, schema)] if cfg.profile else None),
-    )
+    profile_heads = [h.to_dict() for h in output_heads(plan.model_config, plan.schema)] if cfg.profile else None
+    write, write_kwargs = sink.write_stage(plan.units, plan.inputs, plan.schema, profile_heads)
+    ds = ds.map_batches(write, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=resources.cpu_stage_cpus,
+                        fn_kwargs=write_kwargs)
     total = sum(u.pending_rows for u in pending)
     done, started, last, used = 0, time.time(), time.time(), {}
-    for batch in input_errors_unwrapped(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+    for batch in sink.iter_commits(_unwrap_input_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"))):
         done += int(sum(batch.column("rows").to_pylist()))
-        for entry in set("\n".join(batch.column("precision").to_pylist()).splitlines()):
-            name, why = entry.split("\t", 1)
-            used[name] = why
+        for entries in batch.column("precision").to_pylist():
+            used.update({p["name"]: p["reason"] for p in entries})
         if time.time() - last >= PROGRESS_EVERY_S:
             last = time.time()
             rate = done / max(last - started, 1e-9)
@@ -211,29 +224,26 @@ def _score_units(cfg: ScoreConfig, plan: ScoringPlan, units: list, pending: list
     return done, used
 
 
-def _embedding_source(cfg: ScoreConfig, in_loc: Any, out_loc: Any, files: list[str], model_dir: Any,
-                      model_config: MultiTaskConfig) -> EmbeddingSource:
+def _embedding_source(cfg: ScoreConfig, in_loc: Any, files: list[str], model_dir: Any, model_config: MultiTaskConfig) -> EmbeddingSource:
     """Heads-only scoring's checks before any work (:mod:`pipelines.score.heads_only`)."""
-    check_apart(in_loc, files, out_loc)
     model_encoder = encoder_identity(MultiTaskModel.from_pretrained(model_dir))
     return check_embedding_input(in_loc, files, model_encoder, model_config.hidden_size, cfg.max_length)
 
 
-def _encoder_identity(cfg: ScoreConfig, model_dir: Any, model_config: MultiTaskConfig) -> dict[str, Any]:
+def _encoder_identity(model_dir: Any, max_length: int) -> dict[str, Any]:
     """:func:`mtcls.encoder_identity` of the model (loaded once, in the driver), with the token limit this job uses."""
-    return {**encoder_identity(MultiTaskModel.from_pretrained(model_dir)),
-            "max_length": cfg.max_length or model_config.max_seq_length}
+    return {**encoder_identity(MultiTaskModel.from_pretrained(model_dir)), "max_length": max_length}
 
 
 def _checksum_fanout(column: str) -> Any:
     """Reads the ids of Parquet files back from storage in Ray tasks, a few files per task."""
 
-    def run(paths: list[tuple[Any, str]]) -> list[tuple[int, int]]:
+    def run(paths: list[tuple[Any, str]]) -> list[Any]:
         import ray
 
         # One task per CPU, none reserved: the reads must not wait for the actor pool's CPUs to come back.
         @ray.remote(num_cpus=0)
-        def chunk(part: list[tuple[Any, str]]) -> list[tuple[int, int]]:
+        def chunk(part: list[tuple[Any, str]]) -> list[Any]:
             return [checksum_file(fs, path, column) for fs, path in part]
 
         tasks = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 1))))
@@ -244,27 +254,41 @@ def _checksum_fanout(column: str) -> Any:
     return run
 
 
-def _manifest(cfg: ScoreConfig, identity: dict, schema: pa.Schema, inputs: dict[str, InputFile],
-              verification: Verification, scored: int, timings: dict[str, float], stale: list[str],
-              encoder: Optional[dict] = None) -> dict[str, Any]:
-    rows_in = sum(f.rows for f in inputs.values())
+def _unwrap_input_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    """Iterates ``batches``; an :class:`InputError` raised in a stage (for example a vector's width)
+    is re-raised with its own one-line message, not the remote traceback Ray wraps it in."""
+    try:
+        yield from batches
+    except InputError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, InputError) and cause is not exc:
+            message = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+            raise InputError(message.splitlines()[0] if message else message) from None
+        raise
+
+
+def _manifest(cfg: ScoreConfig, plan: _Plan, verification: Verification, scored: int, timings: dict[str, float],
+              stale: list[str]) -> dict[str, Any]:
+    rows_in = sum(f.rows for f in plan.inputs.values())
     return {
         "status": "complete" if not verification.problems and verification.rows_out == rows_in else "incomplete",
-        "input": cfg.input,
-        "output": cfg.output,
-        "model": identity,
-        **({"encoder": encoder} if encoder is not None else {}),
-        "config": dataclasses.asdict(cfg),
-        "schema": {f.name: str(f.type) for f in schema},
+        "input": redact_uri(cfg.input),
+        "output": redact_uri(cfg.output),
+        "model": plan.identity,
+        **({"encoder": plan.encoder} if plan.encoder is not None else {}),
+        "config": redact_uris(config_to_dict(cfg)),
+        "schema": {f.name: str(f.type) for f in plan.schema},
         "rows_in": rows_in,
         "rows_out": verification.rows_out,
         "rows_error": verification.rows_error,
         "rows_truncated": verification.rows_truncated,
         "rows_scored_this_run": scored,
-        "input_files": {f.uri: f.rows for f in inputs.values()},
+        "ids": {"null": verification.null_ids, "duplicate_within_file": verification.duplicate_ids},
+        "input_files": {redact_uri(f.uri): f.rows for f in plan.inputs.values()},
         "output_files": len(verification.files),
         "verification": {"ids_checked": verification.rows_out, "problems": verification.problems,
                          "duplicate_files_removed": verification.duplicates_removed, "stale_files_removed": stale},
         "timings": timings,
         "rows_per_s_this_run": scored / timings["scoring_s"] if scored and timings["scoring_s"] > 0 else None,
     }
+

@@ -20,8 +20,10 @@ several jobs racing for a free or stale lock exactly one wins:
   is logged that exactly one writer is not guaranteed there.
 
 A holder that stalls longer than the timeout (a suspended VM, a long GC pause) may be taken over
-while it still runs. It notices at its next heartbeat (:attr:`OutputLock.lost`); a job calls
-:meth:`OutputLock.check` right before it commits, which verifies the lock on the store.
+while it still runs. It notices at its next heartbeat (:attr:`OutputLock.lost`). Fencing keeps
+such a job from committing anything: every lease has a token, the write tasks get a
+:class:`Fence` with it and check it on the store right before each file moves into place, and the
+driver calls :meth:`OutputLock.check` before every delete, the manifest and ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Optional
 
-from pipelines.score.lock_stores import Snapshot, now_iso, store_for
-from pipelines.storage import InputError, Location, locate
+from pipelines.sink.lock_stores import Snapshot, now_iso, store_for
+from pipelines.storage import InputError, Location, locate, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +156,9 @@ class OutputLock:
             version = self._store.swap(snap.version, record)
             if version is not None:
                 if snap.held:
-                    log.warning("took over the lock on %s from %s: no heartbeat for %.0f s",
-                                self.loc.uri(), _describe(snap.record), snap.age_s or 0)
+                    why = ("its process is gone" if _dead_here(snap.record or {})
+                           else f"no heartbeat for {snap.age_s or 0:.0f} s")
+                    log.warning("took over the lock on %s from %s: %s", self.loc.uri(), _describe(snap.record), why)
                 self._start(record, version)
                 return self
             # Another job changed the lock since it was read: look again.
@@ -193,6 +197,16 @@ class OutputLock:
                     "another job may be writing there, so this job must not commit"
                 )
 
+    def fence(self) -> "Fence":
+        """The fencing token of this lease, for the tasks that commit on this job's behalf.
+
+        Raises:
+            LockLostError: If the lock is not held.
+        """
+        if self._record is None:
+            raise LockLostError(f"the lock on output {self.loc.uri()!r} is not held")
+        return Fence(self.loc, self._record["token"])
+
     def __enter__(self) -> OutputLock:
         """Acquires the lock unless this object already holds it (``with OutputLock(...).acquire() as lock``)."""
         return self if self._record is not None else self.acquire()
@@ -202,8 +216,9 @@ class OutputLock:
 
     def _new_record(self, previous: dict[str, Any] | None) -> dict[str, Any]:
         token = uuid.uuid4().hex
-        record: dict[str, Any] = {"run_id": token[:12], "host": socket.gethostname(), "pid": os.getpid(),
-                                  "user": _user(), "output": self.loc.uri()}
+        record: dict[str, Any] = {"run_id": token[:12], "host": socket.gethostname(), "boot_id": _boot_id(),
+                                  "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
+                                  "user": _user(), "output": redact_uri(self.loc.uri())}
         record.update(self.owner)
         now = now_iso()
         record.update(token=token, started_at=now, heartbeat_at=now, heartbeat_epoch=time.time(), beat=0,
@@ -217,7 +232,7 @@ class OutputLock:
         return max(self.timeout_s, float(theirs) if isinstance(theirs, (int, float)) else 0.0)
 
     def _stale(self, snap: Snapshot) -> bool:
-        return snap.age_s is None or snap.age_s > self._limit(snap.record or {})
+        return snap.age_s is None or snap.age_s > self._limit(snap.record or {}) or _dead_here(snap.record or {})
 
     def _held_error(self, snap: Snapshot) -> LockHeldError:
         record = snap.record or {}
@@ -293,6 +308,58 @@ class OutputLock:
         except Exception as exc:  # noqa: BLE001 - the lease runs out on its own
             log.warning("could not release the lock on %s (it expires after %.0f s): %s: %s",
                         self.loc.uri(), self.timeout_s, type(exc).__name__, exc)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A lease's fencing token: whoever commits for a job checks it on the store first.
+
+    Picklable, so Ray tasks carry it. :meth:`check` costs one read of the lock (a directory
+    listing and a small file locally, one GET on S3).
+
+    Attributes:
+        loc: The output.
+        token: The lease's token (:attr:`OutputLock.record`).
+    """
+
+    loc: Location
+    token: str
+
+    def check(self) -> None:
+        """Raises :class:`LockLostError` naming the new holder unless the lease is still this one."""
+        snap = store_for(self.loc).read()
+        record = snap.record or {}
+        if not snap.held or record.get("token") != self.token:
+            holder = _describe(record) if snap.held else "nobody (it was released)"
+            raise LockLostError(f"lost the lock on output {redact_uri(self.loc.uri())!r}: it now belongs to {holder}; "
+                                "this job must not commit")
+
+
+def _boot_id() -> Optional[str]:
+    """This boot of this machine (pids are only comparable within one)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """When a process started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def _dead_here(record: dict[str, Any]) -> bool:
+    """Whether the holder ran on this host in this boot and its process no longer runs."""
+    boot, pid, started = record.get("boot_id"), record.get("pid"), record.get("pid_started")
+    if record.get("host") != socket.gethostname() or not boot or boot != _boot_id() or not isinstance(pid, int) or not started:
+        return False
+    return _process_start(pid) != started
 
 
 def _describe(record: dict[str, Any] | None) -> str:

@@ -1,6 +1,6 @@
 """Where the output lock lives: one compare-and-swap store per kind of filesystem.
 
-See :mod:`pipelines.score.lock` for the protocol. A store reads the lock (:class:`Snapshot`) and
+See :mod:`pipelines.sink.lock` for the protocol. A store reads the lock (:class:`Snapshot`) and
 swaps it for a new record only if it is still the version that was read.
 """
 

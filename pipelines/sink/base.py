@@ -1,0 +1,109 @@
+"""The sink interface: what a run composes to write its output exactly once.
+
+    sink.open(overwrite)          refuse a foreign output, take the lease, clear on overwrite
+    sink.resume(units, inputs)    mark the rows already committed; drop files of changed inputs
+    sink.write_stage(...)         the Ray Data function that writes (and, for files, commits) blocks
+    sink.commit(written)          the driver's commit of what the write stage reported
+    sink.verify(inputs, checksum) prove from storage that every input row is there once
+    sink.finish(manifest, ver)    the manifest, and the completion marker only if verification passed
+
+A backend owns its layout and its commit protocol; runs only call these methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from mtcls.profile import Profile
+from pipelines.sink.units import InputFile, Unit
+
+
+@dataclass
+class Committed:
+    """One committed output file and what its footer says."""
+
+    name: str
+    rows: int
+    commit: dict[str, Any]
+    #: What the file's rows mean: its columns and the model that scored them.
+    layout: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ranges(self) -> list[list[int]]:
+        return self.commit["ranges"]
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """The input file and version it holds rows of."""
+        return self.commit["input"], self.commit["fingerprint"]
+
+
+@dataclass
+class Verification:
+    """What :meth:`Sink.verify` found in storage."""
+
+    files: list[Committed] = field(default_factory=list)
+    rows_out: int = 0
+    rows_error: int = 0
+    rows_truncated: int = 0
+    duplicates_removed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    #: The merged prediction profile of the files that carry one (:mod:`mtcls.profile`).
+    profile: Profile = field(default_factory=dict)
+    #: Rows of files committed without a profile.
+    rows_unprofiled: int = 0
+    #: Ids of the input that are null, and that repeat within one input file.
+    null_ids: int = 0
+    duplicate_ids: int = 0
+
+
+@dataclass
+class Resume:
+    """What :meth:`Sink.resume` found: the committed files kept, and the stale ones removed."""
+
+    kept: list[Committed]
+    stale: list[str]
+
+
+#: ``f([(filesystem, path)]) -> [IdCount]`` reading ids back from storage (a Ray fan-out in a job).
+Checksums = Callable[[list[tuple[Any, str]]], list[Any]]
+
+
+class Sink(abc.ABC):
+    """An exactly-once output."""
+
+    @abc.abstractmethod
+    def open(self, overwrite: bool) -> contextlib.AbstractContextManager:
+        """Checks the output is this job's to write, takes its lease and prepares it (a context)."""
+
+    @abc.abstractmethod
+    def resume(self, units: list[Unit], inputs: dict[str, InputFile]) -> Resume:
+        """Fills each unit's ``done`` ranges from what is committed."""
+
+    @abc.abstractmethod
+    def write_stage(self, units: list[Unit], inputs: dict[str, InputFile], schema: pa.Schema,
+                    profile_heads: list[dict] | None) -> tuple[Callable[..., pa.Table], dict[str, Any]]:
+        """The write stage for ``map_batches`` and its keyword arguments."""
+
+    @abc.abstractmethod
+    def commit(self, written: pa.Table) -> None:
+        """Commits what one write-stage batch reported (files commit themselves: nothing to do)."""
+
+    @abc.abstractmethod
+    def verify(self, inputs: dict[str, InputFile], checksums: Checksums) -> Verification:
+        """Proves from storage that every input row is in the output exactly once."""
+
+    @abc.abstractmethod
+    def finish(self, manifest: dict[str, Any], verification: Verification) -> None:
+        """Writes the manifest; marks the output complete only if verification passed."""
+
+    def iter_commits(self, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        """Commits each write-stage batch as it reaches the driver, and passes it on."""
+        for batch in batches:
+            self.commit(batch)
+            yield batch

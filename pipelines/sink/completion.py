@@ -1,0 +1,78 @@
+"""Whether a scoring output is complete, for the jobs that read one (evaluation, drift).
+
+The scoring job writes ``_manifest.json`` at the end of every run and ``_SUCCESS`` last, only when
+every input row is in the output once; its manifest's ``status`` is ``complete`` or
+``incomplete``. A reader of an output that lacks either reports on part of the data without
+knowing it, so :func:`require_complete` refuses it unless the job's override key says to read it
+anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pipelines.storage import InputError, Location, redact_uri
+
+log = logging.getLogger(__name__)
+
+#: The completion marker, written last by the scoring job.
+SUCCESS_FILE = "_SUCCESS"
+#: The manifest of the output's last run.
+MANIFEST_FILE = "_manifest.json"
+
+
+def completion_problems(loc: Location) -> list[str]:
+    """What shows that the scoring output at ``loc`` is not complete (an empty list: nothing).
+
+    Checks that ``_manifest.json`` exists, is readable, and does not say ``"status"`` other than
+    ``"complete"`` (a manifest without a status, written by an older mtcls, relies on
+    ``_SUCCESS``), and that ``_SUCCESS`` exists.
+    """
+    fs = loc.fs
+    try:
+        fs.invalidate_cache(loc.path)  # object stores cache listings; a marker may have just appeared or gone
+    except Exception:  # noqa: BLE001 - a filesystem without a cache has nothing to invalidate
+        pass
+    problems = []
+    manifest = loc.join(MANIFEST_FILE)
+    if not fs.exists(manifest.path):
+        problems.append(f"no {MANIFEST_FILE} (the scoring job writes it at the end of every run)")
+    else:
+        try:
+            with fs.open(manifest.path, "r") as fh:
+                status = json.load(fh).get("status")
+        except (OSError, ValueError, AttributeError) as exc:
+            problems.append(f"its {MANIFEST_FILE} is unreadable ({type(exc).__name__}: {exc})")
+        else:
+            if status is not None and status != "complete":
+                problems.append(f"its {MANIFEST_FILE} says \"status\": {json.dumps(status)}")
+    if not fs.exists(loc.join(SUCCESS_FILE).path):
+        problems.append(f"no {SUCCESS_FILE} (written last, only when every input row is in the output)")
+    return problems
+
+
+def require_complete(loc: Location, allow_incomplete: bool, key: str) -> list[str]:
+    """Refuses a scoring output that is not complete, unless ``allow_incomplete``.
+
+    Args:
+        loc: The scoring output directory.
+        allow_incomplete: Read it anyway: the problems are logged as a warning and returned, for
+            the caller to record in its report.
+        key: The config key that sets ``allow_incomplete`` (named in the error).
+
+    Returns:
+        The problems (:func:`completion_problems`); empty when the output is complete.
+
+    Raises:
+        InputError: Naming the output (credentials removed), what is wrong, and ``key``.
+    """
+    problems = completion_problems(loc)
+    if not problems:
+        return []
+    uri = redact_uri(loc.uri())
+    if not allow_incomplete:
+        raise InputError(f"scoring output {uri!r} is not complete: {'; '.join(problems)}. Reading it would report on "
+                         f"part of the rows; complete it (run jobs.score on it again) or set {key}=true to read it anyway")
+    log.warning("scoring output %r is not complete (%s); reading it anyway (%s=true)", uri, "; ".join(problems), key)
+    return problems
