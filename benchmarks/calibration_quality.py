@@ -7,7 +7,7 @@ For each model (trained with ``jobs/configs/train/<dataset>.yaml`` before calibr
 without temperatures) this does what the training job now does after its best epoch's validation,
 with the training job's own functions: the validation split comes from
 :func:`pipelines.train.data.prepare_data` under the same config (OLID: the stable 10% hold-out of
-the training file; GoEmotions: dev.parquet), and :func:`pipelines.train.loop.validate` with
+the training file; GoEmotions: dev.parquet), and :func:`pipelines.train.validation.validate` with
 ``calibrate=True`` fits each calibratable head's calibration (:func:`mtcls.calibration.fit_calibration`:
 ``log(pos_weight)`` offset for sigmoid heads, temperature, kept only if it lowers the NLL of held-out
 validation folds) and, for the heads training tunes (multilabel), tunes the thresholds and maps them
@@ -66,7 +66,7 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
     from pipelines.config import load_config
     from pipelines.train import TrainConfig
     from pipelines.train.data import prepare_data
-    from pipelines.train.loop import validate
+    from pipelines.train.validation import validate
 
     cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{dataset}.yaml", [])
     model = MultiTaskModel.from_pretrained(model_dir)
@@ -81,11 +81,11 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
     start = time.perf_counter()
     result = validate(model, PreparedRows(data.validation.parts), specs, cfg.batch_size * 2, tokenizer.pad_token_id or 0,
                       torch.device("cpu"), rank=0, world=1, tune_bins=cfg.threshold_bins if cfg.tune_thresholds else 0,
-                      calibrate=True)
+                      calibrate=True, max_length=cfg.max_length)
     seconds = time.perf_counter() - start
     # As pipelines/train/run.py exports the best epoch: each head as validation exported it.
     out: dict[str, Any] = {"validation_rows": data.validation.rows, "validation_seconds": seconds, "heads": {}}
-    for name, rep in result["reports"].items():
+    for name, rep in result.reports.items():
         before = model.specs[name].thresholds
         model.set_head_spec(HeadSpec.from_dict(rep["head"]))
         out["heads"][name] = {"validation_calibration": rep.get("calibration", {}), "thresholds_before": before,

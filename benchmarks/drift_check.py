@@ -75,7 +75,7 @@ def bench_drift(model: Path, work: Path) -> dict:
 def bench_overhead(model: Path | None, work: Path, rows: int, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
-    from pipelines.score.stages import file_profile
+    from pipelines.sink.write import file_profile
 
     tokenizer = AutoTokenizer.from_pretrained(str(mtcls.default_encoder_path()))
     texts = pq.read_table(DATA / "goemotions" / "train.parquet", columns=["text"]).column("text").to_pylist()

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import mtcls  # noqa: E402
 from pipelines.score import ScoreConfig, run_score  # noqa: E402
-from pipelines.score.output import visible_rows as output_visible_rows  # noqa: E402
+from pipelines.sink.parquet import visible_rows as output_visible_rows  # noqa: E402
 from pipelines.storage import locate  # noqa: E402
 
 HEADS = [

@@ -118,7 +118,7 @@ def main() -> None:
     print(json.dumps({
         "dataset": args.dataset,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__, "ray": ray.__version__},
-        "config": {k: v for k, v in vars(cfg).items() if k not in ("output", "storage_path")},
+        "config": {k: v for k, v in cfg.model_dump().items() if k not in ("output", "storage_path")},
         "train_minutes": train_minutes,
         "best_epoch": summary["best_epoch"],
         "epochs": summary["epochs"],

@@ -9,7 +9,7 @@
 4. evaluate the scored table against the test labels with the evaluation pipeline (joined on id);
 5. print where the model, predictions and report are, scoring rows/s and per-head macro-F1.
 
-Keys: ``python -m jobs.demo --help`` (from ``pipelines.demo.run.DemoConfig``).
+Keys: ``python -m jobs.demo --help`` (from ``pipelines.demo.config.DemoConfig``).
 """
 
 from __future__ import annotations

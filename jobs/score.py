@@ -11,6 +11,7 @@ Keys: ``python -m jobs.score --help`` (from ``pipelines.score.ScoreConfig``).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Optional, Sequence
 
 from pipelines.config import load_config
@@ -18,11 +19,14 @@ from pipelines.runtime import parse_job_args, run_job, setup_logging
 from pipelines.score import ScoreConfig, run_score
 from pipelines.score.drift import raise_on_drift
 
+log = logging.getLogger("jobs.score")
+
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Score Parquet text with a multi-head classifier", ScoreConfig)
     cfg = load_config(ScoreConfig, config_path, overrides)
     setup_logging()
+    cfg = _with_embedded_defaults(cfg)
     manifest = run_score(cfg)
     rate = manifest.get("rows_per_s_this_run")
     keys = ("rows_in", "rows_out", "rows_error", "rows_truncated", "rows_scored_this_run")
@@ -33,6 +37,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if cfg.fail_on_drift:
         raise_on_drift(manifest["drift"], cfg.output)  # after _SUCCESS: exit status 3
     return manifest
+
+
+def _with_embedded_defaults(cfg: ScoreConfig) -> ScoreConfig:
+    """An empty ``input`` is the embedded demo corpus; an empty ``model`` the embedded default model (built on first use)."""
+    if cfg.input and cfg.model:
+        return cfg
+    from pipelines.demo.corpus import default_corpus_dir
+    from pipelines.demo.default_model import default_model_dir
+
+    update = {}
+    if not cfg.input:
+        update["input"] = str(default_corpus_dir() / "test.parquet")
+        log.info("no input given: scoring the embedded demo corpus %s", update["input"])
+    if not cfg.model:
+        update["model"] = str(default_model_dir())
+    return cfg.model_copy(update=update)
 
 
 if __name__ == "__main__":

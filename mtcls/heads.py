@@ -14,53 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from mtcls.kinds import HeadKind, get_kind, kind_names
+from mtcls.spec_checks import HeadSpecError, check_names, fail
+from mtcls.spec_checks import check_positive_list, check_probability  # noqa: F401  (re-exported)
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 # Head and group names become Parquet column names, so they must be plain identifiers.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-class HeadSpecError(ValueError):
-    """A head specification is invalid; the message names the head, the field and the value."""
-
-
-def _fail(head: str, field_name: str, message: str) -> None:
-    raise HeadSpecError(f"head {head!r}: field {field_name!r}: {message}")
-
-
-def _check_names(head: str, field_name: str, names: Any, what: str) -> list[str]:
-    if not isinstance(names, (list, tuple)) or not names:
-        _fail(head, field_name, f"must be a non-empty list of {what} names, got {names!r}")
-    out = []
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            _fail(head, field_name, f"{what} names must be non-empty strings, got {name!r}")
-        out.append(name)
-    seen = set()
-    for name in out:
-        if name in seen:
-            _fail(head, field_name, f"duplicate {what} name {name!r}")
-        seen.add(name)
-    return out
-
-
-def check_probability(head: str, field_name: str, value: Any) -> float:
-    """A number strictly inside (0, 1), or a :class:`HeadSpecError` naming the head and field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        _fail(head, field_name, f"must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def check_positive_list(head: str, field_name: str, values: Any, n: int) -> list[float]:
-    """``n`` positive finite numbers, or a :class:`HeadSpecError` naming the head and field."""
-    if not isinstance(values, (list, tuple)) or len(values) != n:
-        _fail(head, field_name, f"must be a list of {n} positive numbers (one per label), got {values!r}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-            _fail(head, field_name, f"must hold positive finite numbers, got {v!r}")
-        out.append(float(v))
-    return out
 
 
 BALANCED = ("balanced", "sqrt_balanced")
@@ -125,31 +84,31 @@ class HeadSpec:
                 f"head name {name!r} is invalid: use letters, digits and '_', starting with a letter"
             )
         if self.kind not in kind_names():
-            _fail(name, "kind", f"unknown head kind {self.kind!r}; expected one of {kind_names()}")
+            fail(name, "kind", f"unknown head kind {self.kind!r}; expected one of {kind_names()}")
         kind = self.impl
-        self.labels = _check_names(name, "labels", self.labels, "label")
+        self.labels = check_names(name, "labels", self.labels, "label")
         if kind.has_groups:
-            self.groups = _check_names(name, "groups", self.groups, "group")
+            self.groups = check_names(name, "groups", self.groups, "group")
             for g in self.groups:
                 if not _NAME_RE.match(g):
-                    _fail(name, "groups", f"group name {g!r} must be an identifier (it names output columns)")
+                    fail(name, "groups", f"group name {g!r} must be an identifier (it names output columns)")
         elif self.groups is not None:
-            _fail(name, "groups", f"only grouped heads have groups (this head is {self.kind})")
+            fail(name, "groups", f"only grouped heads have groups (this head is {self.kind})")
         self._validate_mlp()
         self._validate_kind_fields(kind)
-        kind.validate(self, lambda field_name, message: _fail(name, field_name, message))
+        kind.validate(self, lambda field_name, message: fail(name, field_name, message))
         if not isinstance(self.inputs_from, (list, tuple)) or not all(isinstance(s, str) for s in self.inputs_from):
-            _fail(name, "inputs_from", f"must be a list of head names, got {self.inputs_from!r}")
+            fail(name, "inputs_from", f"must be a list of head names, got {self.inputs_from!r}")
         if name in self.inputs_from:
-            _fail(name, "inputs_from", "a head cannot take its own output as input")
+            fail(name, "inputs_from", "a head cannot take its own output as input")
         self.inputs_from = list(self.inputs_from)
         if self.temperature is not None:
             t = self.temperature
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
-                _fail(name, "temperature", f"must be a positive finite number (or null for uncalibrated), got {t!r}")
+                fail(name, "temperature", f"must be a positive finite number (or null for uncalibrated), got {t!r}")
             if not self.impl.calibratable:
                 users = [k for k in kind_names() if get_kind(k).calibratable]
-                _fail(name, "temperature", f"applies to {', '.join(users)} heads, not {self.kind}")
+                fail(name, "temperature", f"applies to {', '.join(users)} heads, not {self.kind}")
             self.temperature = float(t)
         if self.logit_offset is not None:
             self._validate_offset()
@@ -158,13 +117,13 @@ class HeadSpec:
         offset = self.logit_offset
         if not self.impl.offsettable:
             users = [k for k in kind_names() if get_kind(k).offsettable]
-            _fail(self.name, "logit_offset", f"applies to {' and '.join(users)} heads, not {self.kind}")
+            fail(self.name, "logit_offset", f"applies to {' and '.join(users)} heads, not {self.kind}")
         if self.temperature is None:
-            _fail(self.name, "logit_offset", "is part of a calibration: it needs a temperature")
+            fail(self.name, "logit_offset", "is part of a calibration: it needs a temperature")
         if not isinstance(offset, (list, tuple)) or len(offset) != self.num_logits or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offset
         ):
-            _fail(self.name, "logit_offset", f"must be a list of {self.num_logits} finite numbers (one per logit), got {offset!r}")
+            fail(self.name, "logit_offset", f"must be a list of {self.num_logits} finite numbers (one per logit), got {offset!r}")
         self.logit_offset = [float(v) for v in offset]
 
     @property
@@ -176,16 +135,16 @@ class HeadSpec:
         if not isinstance(self.hidden_sizes, (list, tuple)) or not all(
             isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.hidden_sizes
         ):
-            _fail(self.name, "hidden_sizes", f"must be a list of positive integers, got {self.hidden_sizes!r}")
+            fail(self.name, "hidden_sizes", f"must be a list of positive integers, got {self.hidden_sizes!r}")
         self.hidden_sizes = list(self.hidden_sizes)
         if self.activation not in ACTIVATIONS:
-            _fail(self.name, "activation", f"unknown activation {self.activation!r}; expected one of {list(ACTIVATIONS)}")
+            fail(self.name, "activation", f"unknown activation {self.activation!r}; expected one of {list(ACTIVATIONS)}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            _fail(self.name, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+            fail(self.name, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.loss_weight, bool) or not isinstance(self.loss_weight, (int, float)) or not (
             self.loss_weight >= 0 and math.isfinite(self.loss_weight)
         ):
-            _fail(self.name, "loss_weight", f"must be a non-negative number, got {self.loss_weight!r}")
+            fail(self.name, "loss_weight", f"must be a non-negative number, got {self.loss_weight!r}")
 
     def _validate_kind_fields(self, kind: HeadKind) -> None:
         # Weight and threshold fields exist on every spec; each kind accepts only its own.
@@ -196,13 +155,13 @@ class HeadSpec:
             if kind.weight_field != field_name:
                 users = [k for k in kind_names() if get_kind(k).weight_field == field_name]
                 instead = f"; use {kind.weight_field} for {self.kind}" if kind.weight_field else ""
-                _fail(self.name, field_name, f"applies to {' and '.join(users)} heads{instead}")
+                fail(self.name, field_name, f"applies to {' and '.join(users)} heads{instead}")
             if value not in BALANCED:
                 setattr(self, field_name, kind.check_weights(self, value))
         for field_name in ("thresholds", "cumulative_threshold"):
             if getattr(self, field_name) is not None and field_name not in kind.own_fields:
                 users = [k for k in kind_names() if field_name in get_kind(k).own_fields]
-                _fail(self.name, field_name, f"applies to {' and '.join(users)} heads, not {self.kind}")
+                fail(self.name, field_name, f"applies to {' and '.join(users)} heads, not {self.kind}")
 
     # ------------------------------------------------------------------ derived sizes
     @property

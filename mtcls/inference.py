@@ -40,11 +40,19 @@ POOLED_BATCH_ROWS = 8192
 #: Prefix of the keys under which an engine made with ``with_uncalibrated=True`` also returns the
 #: uncalibrated probabilities of each head that has a temperature (:func:`uncalibrated_key`).
 UNCALIBRATED = "__uncalibrated:"
+#: Prefix of the keys under which an engine made with ``with_logits=True`` also returns each head's
+#: raw logits (:func:`logits_key`).
+LOGITS = "__logits:"
 
 
 def uncalibrated_key(head: str) -> str:
     """Key of a head's uncalibrated probabilities in :meth:`InferenceEngine.predict_tokens`'s result."""
     return UNCALIBRATED + head
+
+
+def logits_key(head: str) -> str:
+    """Key of a head's raw logits in the results of an engine made with ``with_logits=True``."""
+    return LOGITS + head
 
 
 @dataclass
@@ -189,13 +197,16 @@ class InferenceEngine:
             evaluation job measures calibration with and without; one forward pass gives both).
         heads: Predict only these heads (the heads they read through ``inputs_from`` run too, but
             are not returned); None: every head.
+        with_logits: :meth:`predict_tokens` and :meth:`predict_pooled` also return each head's
+            raw logits (before any calibration, float32, in the head's logit shape) under
+            :func:`logits_key` (training's validation fits calibrations and thresholds on them).
     """
 
     def __init__(self, model: MultiTaskModel, tokenizer: Any, precision: str = "auto",
                  device: Union[str, torch.device] = "auto", max_length: Optional[int] = None,
                  max_tokens_per_batch: Optional[int] = None, pad_token_id: int = 0,
                  int8_file: Optional[Path] = None, with_uncalibrated: bool = False,
-                 heads: Optional[Sequence[str]] = None) -> None:
+                 heads: Optional[Sequence[str]] = None, with_logits: bool = False) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
         self.device = torch.device(device)
@@ -210,6 +221,7 @@ class InferenceEngine:
         self.heads: Optional[list[str]] = None if heads is None else [n for n in model.specs if n in set(heads)]
         self._run_heads: Optional[list[str]] = None if heads is None else model.heads_needed(heads)
         self.with_uncalibrated = with_uncalibrated
+        self.with_logits = with_logits
         self.int8: Optional[Int8Encoder] = None
         if self.precision.quantized:
             self.int8 = Int8Encoder(int8_file or cached_int8(self.model), threads=torch.get_num_threads())
@@ -250,6 +262,8 @@ class InferenceEngine:
         shapes = {name: tuple(spec.impl.logit_shape(spec)) for name, spec in self.specs.items()}
         if self.with_uncalibrated:
             shapes.update({uncalibrated_key(n): shapes[n] for n, s in self.specs.items() if s.temperature is not None})
+        if self.with_logits:
+            shapes.update({logits_key(n): shapes[n] for n in self.specs})
         if with_pooled:
             shapes[POOLED] = (self.model.config.hidden_size,)
         return shapes
@@ -271,7 +285,8 @@ class InferenceEngine:
             (:func:`mtcls.calibration.calibrated_probabilities`): (N, 1) binary, (N, G, K) grouped, (N, K) otherwise;
             with ``with_pooled``, also ``{POOLED: (N, hidden size) float32}``; for an engine made
             ``with_uncalibrated``, also ``{uncalibrated_key(head): probabilities without the
-            temperature}`` for each head that has one.
+            temperature}`` for each head that has one; for an engine made ``with_logits``, also
+            ``{logits_key(head): raw logits}``.
         """
         if not isinstance(tokens, Tokens):
             tokens = Tokens.from_rows(tokens)
@@ -314,8 +329,9 @@ class InferenceEngine:
             batch_rows: Rows per call of the heads.
 
         Returns:
-            ``{head: probabilities}`` (and the uncalibrated ones for an engine made
-            ``with_uncalibrated``) in the layouts of :meth:`predict_tokens`, in input order.
+            ``{head: probabilities}`` (and the uncalibrated ones, or the logits, for an engine made
+            ``with_uncalibrated`` or ``with_logits``) in the layouts of :meth:`predict_tokens`, in
+            input order.
 
         Raises:
             ValueError: If ``features`` is not (N, hidden size).
@@ -340,6 +356,8 @@ class InferenceEngine:
         if self.with_uncalibrated:
             probs.update({uncalibrated_key(name): head_probabilities(spec, result.logits[name].float())
                           for name, spec in self.specs.items() if spec.temperature is not None})
+        if self.with_logits:
+            probs.update({logits_key(name): result.logits[name].float() for name in self.specs})
         if with_pooled:
             probs[POOLED] = result.pooled.float()
         return probs

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mtcls.heads import HeadSpec
-from mtcls.kinds.base import divide
+from mtcls.kinds.formulas import confusion_report, prf_from_counts
 
 Stats = dict[str, np.ndarray]
 
@@ -50,50 +50,6 @@ def merge_statistics(a: Stats, b: Stats) -> Stats:
     if set(a) != set(b):
         raise ValueError(f"cannot merge statistics with different fields: {sorted(a)} vs {sorted(b)}")
     return {key: a[key] + b[key] for key in a}
-
-
-def prf_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Per-label and averaged precision/recall/F1 from per-label counts (scikit-learn's formulas).
-
-    Args:
-        tp, fp, fn: Per-label true positives, false positives, false negatives.
-        labels: Label names, in the same order.
-
-    Returns:
-        ``per_label`` (precision, recall, f1, support per label) and ``macro``, ``micro``,
-        ``weighted`` averages.
-    """
-    support = tp + fn
-    precision, recall = divide(tp, tp + fp), divide(tp, support)
-    f1 = divide(2 * tp, support + tp + fp)
-    mtp, mfp, mfn = tp.sum(), fp.sum(), fn.sum()
-    micro_p, micro_r = float(divide(mtp, mtp + mfp)), float(divide(mtp, mtp + mfn))
-    micro_f1 = float(divide(2 * mtp, 2 * mtp + mfp + mfn))
-    weights = support if support.sum() > 0 else None
-    return {
-        "per_label": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
-            for i, name in enumerate(labels)
-        },
-        "macro": {"precision": float(np.average(precision)), "recall": float(np.average(recall)), "f1": float(np.average(f1))},
-        "micro": {"precision": micro_p, "recall": micro_r, "f1": micro_f1},
-        "weighted": {
-            "precision": float(np.average(precision, weights=weights)),
-            "recall": float(np.average(recall, weights=weights)),
-            "f1": float(np.average(f1, weights=weights)),
-        },
-        "support": int(support.sum()),
-    }
-
-
-def confusion_report(confusion: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Accuracy, precision/recall/F1 and the confusion matrix from a (K, K) [true, pred] matrix."""
-    tp = np.diag(confusion)
-    report = prf_from_counts(tp, confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp, labels)
-    total = int(confusion.sum())
-    report["accuracy"] = float(divide(tp.sum(), total))
-    report["confusion_matrix"] = confusion.tolist()
-    return report
 
 
 def head_report(spec: HeadSpec, stats: Stats) -> dict[str, Any]:

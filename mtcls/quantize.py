@@ -14,6 +14,12 @@ The heads stay fp32 in torch (:meth:`MultiTaskModel.forward_heads`): they are ti
 thresholds were tuned on fp32 outputs. The export is keyed by :func:`encoder_fingerprint`, so
 jobs build it once per model and ship the file to their actors.
 
+Every file :func:`export_int8` writes records what it was exported from in the ONNX model's
+``metadata_props`` (key :data:`INT8_METADATA_KEY`: the encoder identity, the route version, the
+library versions and the cache key). A cached file is used only when its record carries the cache
+key it is stored under (otherwise it is exported again), and a file shipped in a model directory
+only when its encoder identity equals the model's (:func:`int8_file_problem`).
+
 Needs the ``int8`` extra (``pip install 'mtcls[int8]'``: onnxruntime and onnx).
 """
 
@@ -27,14 +33,14 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from mtcls.default import cache_dir as mtcls_cache
-from mtcls.identity import encoder_weights_sha256
+from mtcls.identity import encoder_identity
 from mtcls.modeling import MultiTaskModel
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 INT8_FILE = "encoder.int8.onnx"
 #: Bumped whenever the export or quantization settings change (part of the cache key).
 ROUTE_VERSION = "ort-dynamic-int8-v2"
+#: Key of the ONNX ``metadata_props`` entry recording what a file was exported from (JSON).
+INT8_METADATA_KEY = "mtcls.int8"
 _FUSED_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "distilbert": "bert"}
 
 
@@ -59,9 +67,107 @@ def int8_unavailable() -> Optional[str]:
     return None
 
 
+def runtime_versions() -> dict[str, Optional[str]]:
+    """The versions of the libraries that build the int8 file (None: not installed)."""
+    versions: dict[str, Optional[str]] = {}
+    for module in ("torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            versions[module] = str(__import__(module).__version__)
+        except ImportError:
+            versions[module] = None
+    return versions
+
+
 def encoder_fingerprint(model: MultiTaskModel) -> str:
-    """The export's cache key: the encoder's weights hash, its pooling and the route version."""
-    return hashlib.sha256(json.dumps([ROUTE_VERSION, model.config.pooling, encoder_weights_sha256(model)]).encode()).hexdigest()
+    """The export's cache key.
+
+    sha256 over the route version, the encoder identity (weights and config,
+    :func:`mtcls.encoder_identity`), the pooling, and the versions of torch, transformers, onnx and
+    onnxruntime: the exporter traces transformers' modeling code with torch, and the fusion and
+    quantization come from onnxruntime, so a new version of any of them gets a new export.
+    """
+    return _fingerprint(encoder_identity(model))
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    key = {"route": ROUTE_VERSION, "encoder_sha256": identity["encoder_sha256"], "pooling": identity["pooling"],
+           "versions": runtime_versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _export_record(model: MultiTaskModel, default_route: bool) -> dict[str, Any]:
+    """What a file exported from ``model`` records (:data:`INT8_METADATA_KEY`)."""
+    identity = encoder_identity(model)
+    return {"route_version": ROUTE_VERSION if default_route else f"{ROUTE_VERSION}+variant",
+            # Only the jobs' route is a cache entry; a variant's file never matches a cache key.
+            "fingerprint": _fingerprint(identity) if default_route else None,
+            "encoder_sha256": identity["encoder_sha256"], "weights_sha256": identity["weights_sha256"],
+            "config_sha256": identity["config_sha256"], "pooling": identity["pooling"], "versions": runtime_versions()}
+
+
+def read_int8_record(source: Union[Path, bytes]) -> Optional[dict[str, Any]]:
+    """The record an int8 ONNX file carries (:data:`INT8_METADATA_KEY`), or None when it has none.
+
+    Args:
+        source: The file, or its bytes.
+
+    Returns:
+        The record; None when the file has no record or is not a readable ONNX model.
+    """
+    import onnx
+
+    try:
+        if isinstance(source, bytes):
+            proto = onnx.load_model_from_string(source)
+        else:
+            proto = onnx.load(str(source), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is one that records nothing
+        return None
+    for prop in proto.metadata_props:
+        if prop.key == INT8_METADATA_KEY:
+            try:
+                record = json.loads(prop.value)
+            except ValueError:
+                return None
+            return record if isinstance(record, dict) else None
+    return None
+
+
+def int8_file_problem(source: Union[Path, bytes], model: MultiTaskModel) -> Optional[str]:
+    """Why an int8 ONNX file is not the export of ``model``'s encoder, or None when it is.
+
+    The file must record (:data:`INT8_METADATA_KEY`) the model's encoder identity (weights and
+    config) and pooling. Library versions may differ: a file built by an older onnxruntime still
+    computes this encoder.
+
+    Args:
+        source: The file, or its bytes.
+        model: The model whose encoder the file must hold.
+    """
+    record = read_int8_record(source)
+    if record is None:
+        return (f"records no encoder identity (ONNX metadata {INT8_METADATA_KEY!r}, written by mtcls.quantize.export_int8), "
+                "so nothing shows it was exported from this model's encoder")
+    identity = encoder_identity(model)
+    if record.get("pooling") != identity["pooling"]:
+        return f"was exported with pooling {record.get('pooling')!r}, the model pools by {identity['pooling']!r}"
+    if record.get("encoder_sha256") != identity["encoder_sha256"]:
+        which = [part for part, key in (("weights", "weights_sha256"), ("config", "config_sha256"))
+                 if record.get(key) != identity[key]]
+        return (f"was exported from another encoder (encoder sha256 {record.get('encoder_sha256')}, the model's is "
+                f"{identity['encoder_sha256']}; differing: {' and '.join(which) or 'identity'})")
+    return None
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for prop in [p for p in proto.metadata_props if p.key == INT8_METADATA_KEY]:
+        proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = INT8_METADATA_KEY, json.dumps(record, sort_keys=True)
+    onnx.save(proto, str(path))
 
 
 class _PooledEncoder(nn.Module):
@@ -115,7 +221,8 @@ def export_int8(model: MultiTaskModel, target: Path, op_types: Sequence[str] = Q
     """Exports and quantizes the model's encoder to ``target`` (an ONNX file).
 
     The defaults are the route jobs use; the other settings exist to compare variants
-    (``benchmarks/int8_variants.py``).
+    (``benchmarks/int8_variants.py``). The file records what it was exported from
+    (:data:`INT8_METADATA_KEY`; a variant records no cache key).
 
     Args:
         model: The model (only its encoder and pooling are exported).
@@ -134,6 +241,8 @@ def export_int8(model: MultiTaskModel, target: Path, op_types: Sequence[str] = Q
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = model.cpu().eval()
+    default_route = tuple(op_types) == QUANTIZED_OPS and keep_fp32 is fp32_nodes and not reduce_range
+    record = _export_record(model, default_route)  # before the export switches the attention implementation
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mtcls-int8-") as tmp:
         raw = Path(tmp) / "encoder.onnx"
@@ -155,6 +264,7 @@ def export_int8(model: MultiTaskModel, target: Path, op_types: Sequence[str] = Q
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
                          op_types_to_quantize=list(op_types), nodes_to_exclude=keep_fp32(source),
                          extra_options={"DefaultTensorType": 1})
+    _write_record(target, record)
     return target
 
 
@@ -176,17 +286,28 @@ def _fuse(raw: Path, config: Any, tmp: Path) -> Path:
 def cached_int8(model: MultiTaskModel, cache_dir: Optional[Path] = None) -> Path:
     """The quantized encoder for ``model``, exported on first use and cached by its fingerprint.
 
+    A file found at the cached path is used only when it records that fingerprint
+    (:func:`read_int8_record`); any other file there (a damaged one, one of other weights, one
+    written before files recorded their identity) is exported again and replaced.
+
     Args:
         model: The model.
         cache_dir: Where exports are kept (default ``int8/`` under ``$MTCLS_CACHE``, ``~/.cache/mtcls``).
     """
     cache_dir = cache_dir or mtcls_cache() / "int8"
-    target = cache_dir / encoder_fingerprint(model) / INT8_FILE
-    if not target.is_file():
-        log.info("exporting the encoder to int8 ONNX (once per model): %s", target)
-        partial = target.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        export_int8(model, partial)
-        partial.replace(target)
+    key = encoder_fingerprint(model)
+    target = cache_dir / key / INT8_FILE
+    if target.is_file():
+        record = read_int8_record(target)
+        if record is not None and record.get("fingerprint") == key:
+            return target
+        log.warning("the cached int8 export %s was not exported from this encoder with this route and these "
+                    "libraries (it records %s); exporting it again", target,
+                    "no identity" if record is None else f"fingerprint {record.get('fingerprint')}")
+    log.info("exporting the encoder to int8 ONNX (once per model): %s", target)
+    partial = target.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    export_int8(model, partial)
+    partial.replace(target)
     return target
 
 

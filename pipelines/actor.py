@@ -228,8 +228,8 @@ class InferenceActor:
         self.output = output
         precision = self.engine.precision
         reason = HEADS_ONLY_REASON if inputs == "pooled" else precision.reason
-        self.precision = {"name": precision.name, "reason": reason, "torch": self.engine.device.type,
-                          "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        gpus = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        self.precision = {"name": precision.name, "reason": reason, "torch": self.engine.device.type, "ray_gpu_ids": gpus}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.column(ERROR_COLUMN) if ERROR_COLUMN in batch.column_names else pa.nulls(batch.num_rows, pa.string())

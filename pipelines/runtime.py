@@ -17,8 +17,9 @@ def parse_job_args(
     Args:
         argv: The arguments (None: ``sys.argv[1:]``).
         description: One line on what the job does, shown by ``--help``.
-        config_cls: The job's config dataclass; ``--help`` then lists each of its keys with type,
-            default and meaning (see :func:`pipelines.config.format_config_help`).
+        config_cls: The job's config model (a :class:`pipelines.config.JobConfig`); ``--help``
+            then lists each of its keys with type, default and meaning, generated from the model
+            (see :func:`pipelines.config.format_config_help`).
 
     Returns:
         The ``--config`` path (or None) and the overrides in command-line order.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +41,76 @@ class Location:
 
 
 def locate(uri: str) -> Location:
-    """Resolves a URI or local path to a :class:`Location`."""
+    """Resolves a URI or local path to a :class:`Location`.
+
+    A local path is made canonical (absolute, ``..`` and symlinks resolved, as far as it exists),
+    so one file reached by two spellings is one location.
+    """
     fs, path = fsspec.core.url_to_fs(str(uri))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol == "local":
         protocol = "file"
+    if protocol == "file":
+        path = os.path.realpath(path)
     return Location(fs, path.rstrip("/") or "/", protocol)
+
+
+#: What replaces a URL's query string and fragment in :func:`redact_uri`.
+REDACTED = "REDACTED"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without credentials, for logs, manifests and reports.
+
+    - User info is removed: ``s3://KEY:SECRET@bucket/p`` -> ``s3://bucket/p``, and
+      ``https://user:pw@host/p`` -> ``https://host/p``. A secret pasted unencoded with a ``/`` in
+      it (``s3://KEY:SE/CRET@bucket/p``) is removed too: when the part before the first ``/`` looks
+      like ``user:password`` (a ``:`` not followed by a port number) and an ``@`` follows, everything
+      up to that ``@`` is user info.
+    - The whole query string and fragment are replaced by ``?REDACTED`` / ``#REDACTED``: signed
+      URLs carry their signature, credential, token or session there under many names
+      (``X-Amz-Signature``, ``Signature``, ``sig``, ``token`` ...), so no parameter is kept, not
+      even harmless ones such as ``versionId``. The marker shows that something was removed.
+    - A string without ``://`` (a local path, ``bucket/key``) is returned unchanged, as is a URI
+      with nothing to remove.
+
+    The result names the same place for a reader but is not meant to be opened again: a signed
+    URL without its query no longer works.
+
+    Args:
+        uri: A local path or URI.
+
+    Returns:
+        The redacted URI.
+    """
+    uri = str(uri)
+    head, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    location, tail = rest[:cut], rest[cut:]
+    netloc = location.split("/", 1)[0]
+    if "@" in netloc:
+        location = location[netloc.rindex("@") + 1:]
+    elif ":" in netloc and "@" in location and not netloc.split(":", 1)[1].isdigit():
+        location = location[location.index("@") + 1:]
+    marks = ""
+    if "?" in tail.split("#", 1)[0]:
+        marks += f"?{REDACTED}"
+    if "#" in tail:
+        marks += f"#{REDACTED}"
+    return f"{head}://{location}{marks}"
+
+
+def redact_uris(value: Any) -> Any:
+    """``value`` with :func:`redact_uri` applied to every string in it (dict values and list items, walked and copied; dict keys are kept)."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, dict):
+        return {k: redact_uris(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_uris(v) for v in value]
+    return value
 
 
 def _hidden(path: str, root: str) -> bool:

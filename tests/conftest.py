@@ -58,16 +58,29 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray with 2 CPUs, as on the CI machine; shut down after the module."""
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down the session's local Ray at the end (see :func:`ray_local`)."""
+    yield
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture()
+def ray_local(_ray_session):
+    """One local Ray with 2 CPUs (as on the CI machine) for the whole session: started on first use.
+
+    A module that needs another Ray (GPUs declared, several nodes, S3 credentials in the workers'
+    environment) shuts this one down and starts its own; the next test that asks for ``ray_local``
+    starts it again.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """The README's promises: its two opening commands, job command lines that the jobs accept, a key
 table that matches ``ScoreConfig``, and a library example that runs as written."""
 
-import dataclasses
 import importlib
 import importlib.util
 import re
@@ -20,7 +19,7 @@ SHELL_SEPARATORS = {"&&", "||", ";", "|", "&"}
 
 
 def config_class(job: str) -> type:
-    """The config dataclass of ``jobs.<job>``, imported only when a test needs it."""
+    """The config model of ``jobs.<job>``, imported only when a test needs it."""
     locations = {
         "score": ["pipelines.score.config:ScoreConfig"],
         "train": ["pipelines.train.config:TrainConfig"],
@@ -99,7 +98,7 @@ def test_readme_job_commands_use_real_keys_and_validate():
         if not (config_path or overrides):
             continue
         cls = config_class(job)
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = set(cls.model_fields)
         unknown = [o for o in overrides if o.split("=", 1)[0].split(".")[0] not in fields]
         assert not unknown, f"README: python -m jobs.{job} {' '.join(tokens)}: not keys of {cls.__name__}: {unknown}"
         load_config(cls, ROOT / config_path if config_path else None, overrides)
@@ -122,7 +121,7 @@ def test_the_scoring_key_table_lists_exactly_the_score_config_keys():
     # Fails while pipelines/score/config.py gains or loses keys until README.md's table follows:
     # the table must then be updated, not this test.
     keys = scoring_key_table()
-    fields = [f.name for f in dataclasses.fields(config_class("score"))]
+    fields = list(config_class("score").model_fields)
     assert len(keys) == len(set(keys)), f"keys listed twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}"
     assert not set(keys) - set(fields), f"README table lists keys ScoreConfig lacks: {sorted(set(keys) - set(fields))}"
     assert not set(fields) - set(keys), f"README table lacks ScoreConfig keys: {sorted(set(fields) - set(keys))}"

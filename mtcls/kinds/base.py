@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mtcls.kinds.formulas import confusion_report, divide
+
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
 
@@ -81,15 +83,6 @@ def as_label_key(value: Any) -> Optional[str]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
     return None
-
-
-def divide(num: Any, den: Any) -> np.ndarray:
-    """Element-wise ``num / den`` with 0 where ``den`` is 0 (scikit-learn's convention)."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.zeros(np.broadcast(num, den).shape)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
@@ -295,8 +288,6 @@ class HeadKind:
 
     def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
         """Every metric of the kind from merged statistics; ``macro`` holds the headline averages."""
-        from mtcls.metrics import confusion_report
-
         rep = confusion_report(stats["confusion"], list(spec.labels))
         rep.update(rows_labelled=int(stats["confusion"].sum()), rows_unlabelled=int(stats["unlabelled"]),
                    rows_invalid=int(stats["invalid"]))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mtcls.kinds.base import IGNORE_INDEX, HeadKind, float_rows, per_label_reliability, register_kind
+from mtcls.spec_checks import check_positive_list, check_probability
 
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
@@ -27,14 +28,10 @@ class Binary(HeadKind):
 
     def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
         super().validate(spec, fail)
-        from mtcls.heads import check_probability
-
         if spec.thresholds is not None:
             spec.thresholds = check_probability(spec.name, "thresholds", spec.thresholds)
 
     def check_weights(self, spec: "HeadSpec", value: Any) -> Any:
-        from mtcls.heads import check_positive_list
-
         return check_positive_list(spec.name, "pos_weight", [value], 1)[0]
 
     def num_logits(self, spec: "HeadSpec") -> int:

@@ -13,6 +13,7 @@ from mtcls.kinds.base import (
     IGNORE_INDEX, INVALID_LABEL, HeadKind, LabelError, Stats, confusion, divide, is_missing, ragged_string_column,
     register_kind, zeros,
 )
+from mtcls.spec_checks import check_probability
 
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
@@ -51,8 +52,6 @@ class Distribution(HeadKind):
 
     def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
         super().validate(spec, fail)
-        from mtcls.heads import check_probability
-
         if spec.cumulative_threshold is not None:
             spec.cumulative_threshold = check_probability(spec.name, "cumulative_threshold", spec.cumulative_threshold)
 

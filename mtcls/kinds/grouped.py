@@ -12,7 +12,9 @@ from mtcls.kinds.base import (
     IGNORE_INDEX, HeadKind, LabelError, Stats, confusion, divide, float_rows, is_missing, list_column, register_kind,
     string_column, zeros,
 )
+from mtcls.kinds.formulas import confusion_report
 from mtcls.kinds.multiclass import weighted_cross_entropy_parts
+from mtcls.spec_checks import check_positive_list
 
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
@@ -27,8 +29,6 @@ class Grouped(HeadKind):
     weight_field = "class_weights"
 
     def check_weights(self, spec: "HeadSpec", value: Any) -> Any:
-        from mtcls.heads import check_positive_list
-
         return check_positive_list(spec.name, "class_weights", value, spec.num_labels)
 
     def num_logits(self, spec: "HeadSpec") -> int:
@@ -134,8 +134,6 @@ class Grouped(HeadKind):
         return stats
 
     def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
-        from mtcls.metrics import confusion_report
-
         labels, groups = list(spec.labels), list(spec.groups or [])
         per_group = {g: confusion_report(stats["confusion"][i], labels) for i, g in enumerate(groups)}
         rep: dict[str, Any] = {

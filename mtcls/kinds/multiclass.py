@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mtcls.kinds.base import IGNORE_INDEX, HeadKind, register_kind
+from mtcls.spec_checks import check_positive_list
 
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
@@ -30,8 +31,6 @@ class Multiclass(HeadKind):
     weight_field = "class_weights"
 
     def check_weights(self, spec: "HeadSpec", value: Any) -> Any:
-        from mtcls.heads import check_positive_list
-
         return check_positive_list(spec.name, "class_weights", value, spec.num_labels)
 
     def loss_parts(self, spec: "HeadSpec", logits: torch.Tensor, labels: torch.Tensor,

@@ -14,6 +14,8 @@ from mtcls.kinds.base import (
     IGNORE_INDEX, INVALID_LABEL, HeadKind, LabelError, Stats, divide, float_rows, is_missing, list_column,
     per_label_reliability, ragged_string_column, register_kind, rows_line, zeros,
 )
+from mtcls.kinds.formulas import prf_from_counts
+from mtcls.spec_checks import check_positive_list, check_probability
 
 if TYPE_CHECKING:
     from mtcls.heads import HeadSpec
@@ -32,8 +34,6 @@ class Multilabel(HeadKind):
 
     def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
         super().validate(spec, fail)
-        from mtcls.heads import check_probability
-
         t = spec.thresholds
         if isinstance(t, (list, tuple)):
             if len(t) != spec.num_labels:
@@ -43,8 +43,6 @@ class Multilabel(HeadKind):
             spec.thresholds = check_probability(spec.name, "thresholds", t)
 
     def check_weights(self, spec: "HeadSpec", value: Any) -> Any:
-        from mtcls.heads import check_positive_list
-
         return check_positive_list(spec.name, "pos_weight", value, spec.num_labels)
 
     def thresholds(self, spec: "HeadSpec") -> list[float]:
@@ -155,8 +153,6 @@ class Multilabel(HeadKind):
         return stats
 
     def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
-        from mtcls.metrics import prf_from_counts
-
         labels = list(spec.labels)
         rep = prf_from_counts(stats["tp"], stats["fp"], stats["fn"], labels)
         n = int(stats["rows"])

@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError
+from pipelines.demo.config import DemoConfig
 from pipelines.demo.corpus import default_corpus_dir
 from pipelines.demo.default_model import default_train_config
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.score import ScoreConfig, run_score
 from pipelines.train import run_train
-
-
-@dataclass
-class DemoConfig:
-    """Config of ``jobs.demo``.
-
-    Attributes:
-        output: Directory for the model, the predictions and the report.
-        rows: Corpus rows per split (train and test).
-        epochs: Fine-tuning epochs.
-        progress: Show Ray Data progress bars.
-    """
-
-    output: str = "outputs/demo"
-    rows: int = 2000
-    epochs: int = 2
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rows < 100:
-            raise ConfigError(f"key 'rows': at least 100 rows, got {self.rows}")
-        if self.epochs < 1:
-            raise ConfigError(f"key 'epochs': must be >= 1, got {self.epochs}")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

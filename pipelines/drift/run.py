@@ -8,7 +8,9 @@
 
 Each manifest already holds the partition's exact profile and its PSI against the model's reference
 (:mod:`pipelines.score.drift`); this job only lines them up. Partitions are ordered by their value
-(ISO dates sort in time order).
+(ISO dates sort in time order). Every partition must be a complete scoring output (``_SUCCESS``, a
+manifest that does not say incomplete); ``allow_incomplete=true`` reads the others anyway and lists
+them in the summary.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.drift.config import DriftConfig
+from pipelines.sink.completion import MANIFEST_FILE, require_complete
 from pipelines.storage import InputError, locate, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,11 @@ def run_drift(cfg: DriftConfig) -> dict[str, Any]:
     """Writes the drift table and one plot per head; returns a summary.
 
     Raises:
-        InputError: The root holds no ``<partition_key>=*/_manifest.json``, or a manifest is unreadable.
+        InputError: The root holds no ``<partition_key>=*/_manifest.json``, a manifest is unreadable,
+            or (without ``allow_incomplete``) a partition's scoring output is not complete.
     """
     root = locate(cfg.root)
-    manifests = _partition_manifests(root, cfg.partition_key)
+    manifests, incomplete = _partition_manifests(root, cfg.partition_key, cfg.allow_incomplete)
     rows, skipped = [], []
     for value, manifest in manifests:
         if "profile" not in manifest:
@@ -69,31 +73,47 @@ def run_drift(cfg: DriftConfig) -> dict[str, Any]:
         "plots": plots,
         "partitions": [v for v, _ in manifests],
         "partitions_without_profile": skipped,
+        "incomplete_partitions": incomplete,
         "flagged": [{"partition": p, "head": h} for p, h in flagged],
     }
     write_json(out.join("drift_summary.json"), summary)
     return summary
 
 
-def _partition_manifests(root: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+def _partition_manifests(root: Any, key: str, allow_incomplete: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """The manifests of the partitions, in partition order, and the partitions that are not complete.
+
+    Every ``<key>=*`` directory is a partition, and each must be a complete scoring output
+    (:func:`~pipelines.sink.completion.require_complete`); with ``allow_incomplete`` an incomplete
+    one is read anyway and one without a manifest is skipped, and both are returned as
+    ``{"partition", "problems"}``.
+    """
     fs = root.fs
     if not fs.exists(root.path):
         raise InputError(f"scores root {root.uri()!r} does not exist")
     fs.invalidate_cache(root.path)
-    found = []
-    for path in fs.ls(root.path, detail=False):
-        base = posixpath.basename(path.rstrip("/"))
-        if base.startswith(f"{key}=") and fs.exists(posixpath.join(path, "_manifest.json")):
-            found.append((base[len(key) + 1:], root.join(base, "_manifest.json")))
-    if not found:
-        raise InputError(f"scores root {root.uri()!r} has no partition manifests ({key}=*/_manifest.json)")
-    out = []
-    for value, loc in sorted(found, key=lambda f: f[0]):
+    partitions = []
+    for entry in fs.ls(root.path, detail=True):
+        base = posixpath.basename(entry["name"].rstrip("/"))
+        if base.startswith(f"{key}=") and entry.get("type") == "directory":
+            partitions.append((base[len(key) + 1:], root.join(base)))
+    partitions.sort(key=lambda f: f[0])
+    with_manifest = {value for value, loc in partitions if fs.exists(loc.join(MANIFEST_FILE).path)}
+    if not with_manifest:
+        raise InputError(f"scores root {root.uri()!r} has no partition manifests ({key}=*/{MANIFEST_FILE})")
+    out, incomplete = [], []
+    for value, part in partitions:
+        problems = require_complete(part, allow_incomplete, "allow_incomplete")
+        if problems:
+            incomplete.append({"partition": value, "problems": problems})
+        if value not in with_manifest:
+            continue  # allowed incomplete, but nothing to read
+        loc = part.join(MANIFEST_FILE)
         try:
             out.append((value, read_json(loc)))
         except (ValueError, OSError) as exc:
             raise InputError(f"manifest {loc.uri()!r} is unreadable ({type(exc).__name__}: {exc})") from exc
-    return out
+    return out, incomplete
 
 
 def _rows(value: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:

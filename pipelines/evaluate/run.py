@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import tempfile
@@ -12,52 +11,27 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mtcls import HeadSpec, MultiTaskConfig
-from mtcls.inference import uncalibrated_key
+from mtcls import HeadSpec, MultiTaskConfig, text_separator
 from pipelines.artifacts import export_model, localize_model, model_identity
 from pipelines.config import ConfigError, config_to_dict
-from pipelines.demo.corpus import default_corpus_dir
-from pipelines.demo.default_model import default_model_dir
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.report import plot_confusion, plot_reliability, report_markdown
 from pipelines.evaluate.statistics import (
-    _HAS_LABELS, _HAS_PRED, _predictions_stats, block_statistics, build_report, merge_block_statistics,
-    resolve_label_columns,
+    _HAS_LABELS, _HAS_PRED, _predictions_stats, build_report, merge_block_statistics, resolve_label_columns,
+    scored_block_statistics,
 )
-from pipelines.inference import load_shipped_engine, predict_with_retry, shipped_model_files, texts_from_columns
+from pipelines.actor import InferenceActor, ScoredColumns
+from pipelines.blocks import PRECISION, PRECISION_TYPE
+from pipelines.inference import shipped_model_files
+from pipelines.sink.schema import output_schema
+from pipelines.tokenize import ship_tokenizer, tokenize_stage
 from pipelines.resources import InferencePlan, plan_inference
 from pipelines.runtime import init_ray
-from pipelines.storage import InputError, column_names, inspect_parquet, list_parquet_files, locate, write_json
+from pipelines.sink.completion import require_complete
+from pipelines.storage import (InputError, column_names, inspect_parquet, list_parquet_files, locate, redact_uris,
+                               write_json)
 
 log = logging.getLogger(__name__)
-
-
-class _EvalActor:
-    """Scores labelled blocks with the shared inference engine and returns their statistics (one row per block)."""
-
-    def __init__(self, files_ref: list, specs: list[dict], label_columns: dict[str, str], text_columns: list[str],
-                 slice_by: list[str], bins: int, **engine_kwargs: Any) -> None:
-        import ray
-
-        self.engine, self._copy = load_shipped_engine(files_ref, **engine_kwargs)
-        # Where this actor runs: the GPUs Ray gave it and the device torch uses (shown in the report).
-        self.device = {"ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "torch": self.engine.device.type,
-                       "precision": self.engine.precision.name, "precision_reason": self.engine.precision.reason}
-        self.specs = [HeadSpec.from_dict(s) for s in specs]
-        self.label_columns, self.text_columns, self.slice_by, self.bins = label_columns, text_columns, slice_by, bins
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts, rows, _ = texts_from_columns(batch, self.text_columns, self.engine.separator)
-        probs, failures = predict_with_retry(self.engine, self.engine.tokenize(texts))
-        good = np.array([f is None for f in failures], dtype=bool)
-        scored = np.zeros(batch.num_rows, dtype=bool)
-        scored[rows[good]] = True
-        probs = {name: p[good] for name, p in probs.items()}
-        # The engine was made with_uncalibrated: heads with a temperature also come without it.
-        uncalibrated = {s.name: probs.pop(uncalibrated_key(s.name)) for s in self.specs if uncalibrated_key(s.name) in probs}
-        stats = block_statistics(batch, self.specs, self.label_columns, probs, scored, self.slice_by, self.bins, uncalibrated)
-        stats["device"] = self.device
-        return pa.table({"stats": [json.dumps(stats)]})
 
 
 def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -87,46 +61,65 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
         _predictions_stats, fn_kwargs=dict(specs=spec_dicts, label_columns=label_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins),
         batch_format="pyarrow", batch_size=None,
     )
-    blocks = [json.loads(r["stats"]) for r in per_block.take_all()]
+    blocks = [r["stats"] for r in per_block.take_all()]
     totals = merge_block_statistics(specs, blocks)
     join = {key: sum(b[key] for b in blocks) for key in ("predictions_without_labels", "labels_without_predictions")}
     join["matched"] = totals["rows"]
     return totals, {"label_columns": label_columns, "join": join}
 
 
-def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_files_ref: Any, max_length: int,
+def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_files_ref: Any, max_length: int,
                   plan: InferencePlan) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Scores labelled data with the model in an actor pool; returns (merged totals, details)."""
+    """Scores labelled data and returns (merged totals, details).
+
+        read Parquet -> tokenize (CPU tasks) -> InferenceActor (scored columns) -> statistics (CPU tasks)
+
+    The same tokenizing stage and actor as scoring; no row comes back to the driver, only each
+    block's statistics.
+    """
+    import ray
     import ray.data
+    from transformers import AutoTokenizer
 
     loc = locate(cfg.data)
     files = list_parquet_files(loc)
     label_columns = resolve_label_columns(specs, column_names(loc, files[0]), cfg.label_columns)
-    needed = list(dict.fromkeys([*cfg.text_columns, *label_columns.values(), *cfg.slice_by]))
-    inspect_parquet(loc, files, needed)
+    kept = list(dict.fromkeys([*label_columns.values(), *cfg.slice_by]))
+    needed = list(dict.fromkeys([*cfg.text_columns, *kept]))
+    in_schema, _ = inspect_parquet(loc, files, needed)
+    model_config = MultiTaskConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    schema = output_schema(specs, pa.schema([in_schema.field(c) for c in kept]), {}, cfg.text_columns)
+    carried = pa.schema([*schema, pa.field(PRECISION, PRECISION_TYPE)])
     ds = ray.data.read_parquet(files, filesystem=loc.arrow_fs()).select_columns(needed)
-    per_block = ds.map_batches(
-        _EvalActor,
-        fn_constructor_kwargs=dict(
-            files_ref=model_files_ref, specs=[s.to_dict() for s in specs], label_columns=label_columns,
-            text_columns=cfg.text_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins,
-            max_length=max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision,
-            torch_threads=plan.torch_threads, with_uncalibrated=True,
-        ),
-        batch_size=cfg.block_rows, batch_format="pyarrow",
+    ds = ds.map_batches(
+        tokenize_stage, batch_format="pyarrow", num_cpus=plan.cpu_stage_cpus,
+        fn_kwargs=dict(keep=kept, text_columns=cfg.text_columns, separator=text_separator(model_config, tokenizer),
+                       max_length=max_length, tokenizer_ref=[ray.put(ship_tokenizer(model_dir))]),
+    )
+    ds = ds.map_batches(
+        InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(files_ref=model_files_ref, inputs="tokens", output=ScoredColumns(carried),
+                                   max_length=max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None,
+                                   precision=cfg.precision, torch_threads=plan.torch_threads, with_uncalibrated=True),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors),
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
-    blocks = [json.loads(r["stats"]) for r in per_block.take_all()]
-    devices = sorted({json.dumps(b.pop("device"), sort_keys=True) for b in blocks})
-    return merge_block_statistics(specs, blocks), {"label_columns": label_columns, "devices": [json.loads(d) for d in devices]}
+    per_block = ds.map_batches(
+        scored_block_statistics, batch_format="pyarrow", batch_size=None, num_cpus=plan.cpu_stage_cpus,
+        fn_kwargs=dict(specs=[s.to_dict() for s in specs], label_columns=label_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins),
+    )
+    blocks = [r["stats"] for r in per_block.take_all()]
+    devices = {json.dumps(d, sort_keys=True): d for b in blocks for d in b.pop("devices")}
+    return merge_block_statistics(specs, blocks), {"label_columns": label_columns,
+                                                  "devices": [devices[k] for k in sorted(devices)]}
 
 
 def specs_from_predictions(uri: str) -> tuple[list[HeadSpec], dict[str, Any]]:
     """Head specs and model identity from a scoring output's schema metadata."""
     import pyarrow.parquet as pq
 
-    from pipelines.score.schema import read_metadata
+    from pipelines.sink.schema import read_metadata
 
     loc = locate(uri)
     files = list_parquet_files(loc)
@@ -140,8 +133,8 @@ def specs_from_predictions(uri: str) -> tuple[list[HeadSpec], dict[str, Any]]:
 def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluates every head and writes the report directory; starts a local Ray if none is running.
 
-    With neither ``data`` nor ``predictions``, evaluates the embedded default model on the
-    embedded demo corpus's test split.
+    Needs ``data`` and ``model``, or ``predictions`` and ``labels`` (``jobs.evaluate`` fills in the
+    embedded demo corpus and default model).
 
     Returns:
         The report (also written to ``<output>/report.json``, with ``report.md`` and PNGs).
@@ -149,13 +142,16 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     import ray
 
     model_dir = None
+    incomplete: list[str] = []
     if cfg.predictions:
+        # Before anything reads the output: a partial one would give a report on part of the rows.
+        incomplete = require_complete(locate(cfg.predictions), cfg.allow_incomplete, "allow_incomplete")
         specs, identity = specs_from_predictions(cfg.predictions)
     else:
-        if not cfg.data:
-            cfg = dataclasses.replace(cfg, data=str(default_corpus_dir() / "test.parquet"))
-            log.info("no data given: evaluating on the embedded demo corpus %s", cfg.data)
-        model_uri = cfg.model or str(default_model_dir())
+        if not cfg.data or not cfg.model:
+            raise ConfigError(f"key '{'data' if not cfg.data else 'model'}': run_evaluate needs it with data= "
+                              "(or predictions= and labels=); jobs.evaluate fills in the embedded default")
+        model_uri = cfg.model
         model_dir = localize_model(model_uri)
         specs = MultiTaskConfig.from_pretrained(model_dir).head_specs()
         identity = model_identity(model_dir, model_uri)
@@ -169,11 +165,13 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         plan = plan_inference(ray.cluster_resources(), num_actors=cfg.num_actors,
                               num_gpus_per_actor=0 if cfg.precision == "int8" else -1)
         max_length = cfg.max_length or MultiTaskConfig.from_pretrained(model_dir).max_seq_length
-        totals, details = evaluate_data(cfg, specs, [ray.put(model_files)], max_length, plan)
+        totals, details = evaluate_data(cfg, specs, model_dir, [ray.put(model_files)], max_length, plan)
 
     report = build_report(specs, totals, details["label_columns"], cfg.tune_thresholds)
-    report["model"] = identity
-    report["config"] = config_to_dict(cfg)
+    report["model"] = redact_uris(identity)
+    report["config"] = redact_uris(config_to_dict(cfg))
+    if incomplete:
+        report["predictions_incomplete"] = incomplete
     for key in ("join", "devices"):
         if key in details:
             report[key] = details[key]

@@ -146,9 +146,9 @@ def probabilities_from_predictions(batch: pa.Table, specs: list[HeadSpec], heads
     n = batch.num_rows
     scored = np.ones(n, dtype=bool)
     if _HAS_PRED in batch.column_names:
-        scored &= np.array([bool(v) for v in batch.column(_HAS_PRED).to_pylist()])
+        scored &= batch.column(_HAS_PRED).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     if "error" in batch.column_names:
-        scored &= np.array([v is None for v in batch.column("error").to_pylist()])
+        scored &= batch.column("error").is_null().to_numpy(zero_copy_only=False).astype(bool)
     by_spec = {s.name: s for s in specs}
     rows = batch.filter(pa.array(scored))
     probs = {head: by_spec[head].impl.probabilities_from_columns(by_spec[head], rows) for head in heads}
@@ -210,15 +210,46 @@ def build_report(specs: list[HeadSpec], totals: dict[str, Any], label_columns: d
 
 
 
-def _predictions_stats(batch: pa.Table, specs: list[dict], label_columns: dict[str, str], slice_by: list[str], bins: int) -> pa.Table:
+def _predictions_stats(batch: pa.Table, specs: list[dict], label_columns: dict[str, str], slice_by: list[str], bins: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function on a joined block: its statistics, as one Python object."""
     spec_objs = [HeadSpec.from_dict(s) for s in specs]
-    has_labels = np.array([bool(v) for v in batch.column(_HAS_LABELS).to_pylist()])
-    has_pred = np.array([bool(v) for v in batch.column(_HAS_PRED).to_pylist()])
+    has_labels = batch.column(_HAS_LABELS).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    has_pred = batch.column(_HAS_PRED).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     batch = batch.filter(pa.array(has_labels & has_pred))
     probs, scored = probabilities_from_predictions(batch, spec_objs, list(label_columns))
     stats = block_statistics(batch, spec_objs, label_columns, probs, scored, slice_by, bins)
     stats["predictions_without_labels"] = int((has_pred & ~has_labels).sum())
     stats["labels_without_predictions"] = int((has_labels & ~has_pred).sum())
-    return pa.table({"stats": [json.dumps(stats)]})
+    return {"stats": _one_object(stats)}
+
+
+def scored_block_statistics(batch: pa.Table, specs: list[dict], label_columns: dict[str, str], slice_by: list[str],
+                            bins: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function on a block the inference actor scored: its statistics, as one Python object.
+
+    Probabilities come from the block's ``<head>_probs`` columns, the uncalibrated ones from its
+    ``__uncalibrated_<head>`` tensor columns; rows with an ``error`` are not scored. ``devices``
+    lists the distinct ``__precision`` values (precision, torch device, Ray GPUs) of the block.
+    """
+    from pipelines.actor import UNCALIBRATED_PREFIX
+    from pipelines.blocks import PRECISION, distinct_precisions
+
+    spec_objs = [HeadSpec.from_dict(s) for s in specs]
+    probs, scored = probabilities_from_predictions(batch, spec_objs, list(label_columns))
+    uncalibrated = {}
+    for s in spec_objs:
+        column = UNCALIBRATED_PREFIX + s.name
+        if s.name in label_columns and column in batch.column_names:
+            uncalibrated[s.name] = np.asarray(batch.column(column).combine_chunks().to_numpy_ndarray())[scored]
+    stats = block_statistics(batch, spec_objs, label_columns, probs, scored, slice_by, bins, uncalibrated)
+    stats["devices"] = [{"ray_gpu_ids": p["ray_gpu_ids"], "torch": p["torch"], "precision": p["name"], "precision_reason": p["reason"]}
+                        for p in distinct_precisions(batch.column(PRECISION))]
+    return {"stats": _one_object(stats)}
+
+
+def _one_object(value: Any) -> np.ndarray:
+    out = np.empty(1, dtype=object)
+    out[0] = value
+    return out
 
 

@@ -1,7 +1,7 @@
 """The scoring output's prediction profile and its drift against the model's reference profile.
 
-Each output file carries the profile of its rows (written by :func:`pipelines.score.stages.write_units`);
-:meth:`pipelines.sink.parquet.OutputDir.verify` merges those of the files it keeps, so the
+Each output file carries the profile of its rows (written by :func:`pipelines.sink.write.write_units`);
+:meth:`pipelines.sink.parquet.ParquetSink.verify` merges those of the files it keeps, so the
 manifest's ``profile`` describes exactly the rows in the output, across reruns. ``drift``
 compares it with ``reference_profile.json`` of the model (:mod:`mtcls.profile`).
 """
@@ -14,7 +14,7 @@ from typing import Any, Optional
 from mtcls import HeadSpec
 from mtcls.profile import drift_report, summarize
 from pipelines.runtime import JobAlert
-from pipelines.sink.parquet import Verification
+from pipelines.sink.base import Verification
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ A kill at any moment loses only the rows in flight: a rerun skips every row alre
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pipelines.sink.paths import check_apart
 from pipelines.sink.records import checksum_file, id_type_ok
 from pipelines.sink.schema import embedding_type, output_schema, selected_heads
 from pipelines.sink.units import InputFile, Unit, plan_units
+from pipelines.tokenize import ship_tokenizer
 from pipelines.storage import InputError, inspect_parquet, list_parquet_files, locate, redact_uri, redact_uris
 
 log = logging.getLogger(__name__)
@@ -188,13 +188,11 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
         inputs = "pooled"
     else:
         tokenizer = AutoTokenizer.from_pretrained(plan.model_dir)
-        tok_files = {p.name: p.read_bytes() for p in plan.model_dir.iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
-        digest = hashlib.sha1(b"".join(tok_files[k] for k in sorted(tok_files))).hexdigest()
         ds = ds.map_batches(
             read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=resources.cpu_stage_cpus,
             fn_kwargs=dict(units=unit_dicts, in_fs=in_fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
                            text_columns=cfg.text_columns, separator=text_separator(plan.model_config, tokenizer),
-                           max_length=plan.max_length, tokenizer_ref=[ray.put((tok_files, digest))]),
+                           max_length=plan.max_length, tokenizer_ref=[ray.put(ship_tokenizer(plan.model_dir))]),
         )
         inputs = "tokens"
         engine.update(max_length=plan.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision)
@@ -286,7 +284,7 @@ def _manifest(cfg: ScoreConfig, plan: _Plan, verification: Verification, scored:
         "ids": {"null": verification.null_ids, "duplicate_within_file": verification.duplicate_ids},
         "input_files": {redact_uri(f.uri): f.rows for f in plan.inputs.values()},
         "output_files": len(verification.files),
-        "verification": {"ids_checked": verification.rows_out, "problems": verification.problems,
+        "verification": {"ids_checked": verification.rows_out, "problems": [str(p) for p in verification.problems],
                          "duplicate_files_removed": verification.duplicates_removed, "stale_files_removed": stale},
         "timings": timings,
         "rows_per_s_this_run": scored / timings["scoring_s"] if scored and timings["scoring_s"] > 0 else None,

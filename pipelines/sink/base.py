@@ -43,6 +43,17 @@ class Committed:
         return self.commit["input"], self.commit["fingerprint"]
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something verification found wrong, and where: an input file (its URI) or an output file (its name)."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
 @dataclass
 class Verification:
     """What :meth:`Sink.verify` found in storage."""
@@ -52,7 +63,7 @@ class Verification:
     rows_error: int = 0
     rows_truncated: int = 0
     duplicates_removed: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     #: The merged prediction profile of the files that carry one (:mod:`mtcls.profile`).
     profile: Profile = field(default_factory=dict)
     #: Rows of files committed without a profile.

@@ -68,6 +68,8 @@ def _search(rows: int, files: list[Any], by_start: dict[int, list[int]]) -> Opti
     all_ranges = sorted(r for f in files for r in f.ranges if r[1] > r[0])
     if all(a == (all_ranges[k - 1][1] if k else 0) for k, (a, _) in enumerate(all_ranges)) and (all_ranges[-1][1] if all_ranges else 0) == rows:
         return set(range(len(files)))
+    if all(len([r for r in f.ranges if r[1] > r[0]]) == 1 for f in files):
+        return _interval_path(rows, files, by_start)
     failed: set[tuple] = set()
     # A frame: (files used, ranges taken, candidates left at the first gap, the state's key).
     stack: list[tuple[list[int], list[list[int]], list[int], tuple]] = []
@@ -102,6 +104,27 @@ def _search(rows: int, files: list[Any], by_start: dict[int, list[int]]) -> Opti
         if nxt is None:
             return set(nxt_used)
         stack.append(nxt)
+    return None
+
+
+def _interval_path(rows: int, files: list[Any], by_start: dict[int, list[int]]) -> Optional[set[int]]:
+    """Files of one range each: an exact cover is a path of ranges from row 0 to ``rows`` (each row position visited once)."""
+    came_from: dict[int, tuple[int, int]] = {}  # position -> (previous position, file)
+    stack, seen = [0], {0}
+    while stack:
+        pos = stack.pop()
+        if pos == rows:
+            chosen: set[int] = set()
+            while pos:
+                pos, i = came_from[pos]
+                chosen.add(i)
+            return chosen
+        for i in by_start.get(pos, []):
+            end = max(b for a, b in files[i].ranges if b > a)
+            if end <= rows and end not in seen:
+                seen.add(end)
+                came_from[end] = (pos, i)
+                stack.append(end)
     return None
 
 

@@ -67,8 +67,8 @@ class LockHeldError(InputError):
         self.takeover_in_s = takeover_in_s
 
 
-class LockLostError(InputError):
-    """This job's lock on its output was taken over by another job: it must not commit."""
+class LockLostError(RuntimeError):
+    """This job's lock on its output was taken over by another job: it must not commit (a failure, not a bad input)."""
 
 
 class OutputLock:
@@ -330,7 +330,7 @@ class Fence:
         snap = store_for(self.loc).read()
         record = snap.record or {}
         if not snap.held or record.get("token") != self.token:
-            holder = _describe(record) if snap.held else "nobody (it was released)"
+            holder = _describe(record) if snap.held else f"nobody: it was released by {_describe(record.get('released_by'))}"
             raise LockLostError(f"lost the lock on output {redact_uri(self.loc.uri())!r}: it now belongs to {holder}; "
                                 "this job must not commit")
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtcls.profile import merge_profiles
-from pipelines.sink.base import Checksums, Committed, Resume, Sink, Verification
+from pipelines.sink.base import Checksums, Committed, Problem, Resume, Sink, Verification
 from pipelines.sink.cover import exact_cover, merge_ranges
 from pipelines.sink.lock import OutputLock
 from pipelines.sink.records import COMMIT_KEY
@@ -225,7 +225,7 @@ class ParquetSink(Sink):
         for inp in inputs.values():
             chosen, extra, problem = exact_cover(inp.rows, by_input.get((inp.uri, inp.fingerprint), []))
             if problem:
-                result.problems.append(f"{redact_uri(inp.uri)}: {problem}")
+                result.problems.append(Problem(redact_uri(inp.uri), problem))
             result.duplicates_removed += [f.name for f in extra]
             result.files += chosen
         if result.duplicates_removed:
@@ -237,14 +237,14 @@ class ParquetSink(Sink):
         sums: dict[tuple[str, str], int] = {}
         for f, count in zip(result.files, read_back):
             if count.rows != f.commit["rows"]:
-                result.problems.append(f"{f.name}: its footer says {f.commit['rows']} rows, {count.rows} were read back")
+                result.problems.append(Problem(f.name, f"its footer says {f.commit['rows']} rows, {count.rows} were read back"))
             sums[f.source] = (sums.get(f.source, 0) + count.checksum) % 2**64
         for inp, count in zip(inputs.values(), read_back[len(result.files):]):
             result.null_ids += count.nulls
             result.duplicate_ids += count.duplicates
             uri = redact_uri(inp.uri)
-            if not any(p.startswith(f"{uri}:") for p in result.problems) and sums.get((inp.uri, inp.fingerprint), 0) != count.checksum:
-                result.problems.append(f"{uri}: the ids in the output differ from the ids in the input")
+            if not any(p.where == uri for p in result.problems) and sums.get((inp.uri, inp.fingerprint), 0) != count.checksum:
+                result.problems.append(Problem(uri, "the ids in the output differ from the ids in the input"))
         result.rows_out = sum(f.rows for f in result.files)
         result.rows_error = sum(f.commit["errors"] for f in result.files)
         result.rows_truncated = sum(f.commit["truncated"] for f in result.files)
@@ -268,7 +268,7 @@ class ParquetSink(Sink):
         if not complete:
             raise RuntimeError(
                 f"output {redact_uri(self.loc.uri())} holds {manifest['rows_out']} rows for {manifest['rows_in']} input rows; "
-                f"{'; '.join(verification.problems[:5])}; _SUCCESS not written (rerun to complete it)"
+                f"{'; '.join(map(str, verification.problems[:5]))}; _SUCCESS not written (rerun to complete it)"
             )
         self.fence()
         with self.loc.fs.open(success.path, "w") as fh:

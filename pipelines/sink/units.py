@@ -62,7 +62,7 @@ class Unit:
 
 @dataclass
 class InputFile:
-    """One input file as planned: where it is, its version and its rows."""
+    """One input file as planned: its filesystem, its URI (canonical, credentials removed), its version and its rows."""
 
     fs: Any
     uri: str
@@ -95,7 +95,7 @@ def fingerprint(loc: Location, path: str, fh: Any) -> str:
 
 
 def _file_units(loc: Location, path: str, rows_per_unit: int) -> tuple[list[Unit], InputFile]:
-    uri = loc.uri(path)
+    uri = redact_uri(loc.uri(path))  # what every record and message names: no credentials
     try:
         with loc.fs.open(path, "rb") as fh:
             fp = fingerprint(loc, path, fh)
@@ -103,7 +103,7 @@ def _file_units(loc: Location, path: str, rows_per_unit: int) -> tuple[list[Unit
     except InputError:
         raise
     except Exception as exc:  # pyarrow raises several types for a bad footer
-        raise InputError(f"cannot read Parquet file {redact_uri(uri)!r}: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"cannot read Parquet file {uri!r}: {type(exc).__name__}: {exc}") from exc
     units: list[Unit] = []
     groups: list[int] = []
     group_first = first = start = 0

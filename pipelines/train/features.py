@@ -10,8 +10,8 @@ encoder never runs on a training worker, yet stays in the model that is checkpoi
 What keeps a cached run equal to an uncached one:
 
 - Same precision: training features are computed under training's autocast rule
-  (:func:`pipelines.train.loop._autocast`), validation features in fp32 (uncached validation runs
-  without autocast).
+  (:func:`pipelines.train.precision.training_autocast`), validation features in fp32 (uncached
+  validation runs without autocast).
 - Same batches: each input block becomes exactly one output block, in order (``preserve_order``,
   no block splitting), and every row keeps its ``row`` number and labels and gains ``length`` (its
   token count), so the local shuffle, the length grouping and the DDP split cut the same batches.
@@ -65,10 +65,10 @@ class FeatureStage:
         import torch
 
         from pipelines.inference import load_shipped_engine
-        from pipelines.train.loop import _autocast
+        from pipelines.train.precision import training_autocast
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype, _ = _autocast(precision, device)
+        dtype, _ = training_autocast(precision, device)
         name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         self.engine, self._files = load_shipped_engine(files_ref, torch_threads=torch_threads, precision=name, device=device)
 

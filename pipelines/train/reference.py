@@ -1,8 +1,9 @@
 """The reference profile a trained model carries: its validation rows as the exported model scores them.
 
-Computed in :func:`pipelines.train.loop.validate` with the head's final temperature and thresholds,
-summed over the workers like the statistics, and written by the training job next to the weights as
-``reference_profile.json`` (:mod:`mtcls.profile`). Scoring compares each partition with it (drift).
+Computed in :func:`pipelines.train.validation.validate` with the head's final temperature and
+thresholds, summed over the workers like the statistics, and written by the training job next to the
+weights as ``reference_profile.json`` (:mod:`mtcls.profile`). Scoring compares each partition with it
+(drift).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ the reference that scoring measures drift against.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import posixpath
@@ -24,15 +23,16 @@ import torch
 
 from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, text_separator
 from mtcls.profile import REFERENCE_FILE, reference_document
-from pipelines.artifacts import localize_model, read_model_files
+from pipelines.artifacts import check_model_target, localize_model, publish_model_dir, read_model_files
 from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
 from pipelines.runtime import init_ray
-from pipelines.storage import locate, write_json
+from pipelines.storage import locate, redact_uri, write_json
 from pipelines.train.plots import plot_history
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import prepare_data
 from pipelines.train.features import cache_features
 from pipelines.train.loop import STATE_FILE, train_loop_per_worker
+from pipelines.train.loop_config import LoopConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """
     if not cfg.train:
         corpus = default_corpus_dir()
-        cfg = dataclasses.replace(cfg, train=[str(corpus / "train.parquet")], heads=cfg.heads or DEFAULT_HEADS)
+        cfg = cfg.model_copy(update={"train": [str(corpus / "train.parquet")], "heads": cfg.heads or DEFAULT_HEADS})
         log.info("no training data given: the embedded demo corpus %s", corpus)
+    check_model_target(cfg.output)  # refuse a directory that is not a model's before training, not after
     init_ray()
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="mtcls-train-"))
@@ -119,22 +120,12 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
     cpus = ray.cluster_resources().get("CPU", 1)
     storage = cfg.storage_path or os.path.abspath("outputs/ray_train")
     run_name = f"mtcls-{int(started)}"
-    loop_config = {
-        "specs": [s.to_dict() for s in data.specs],
-        "init_files": init_files,
-        "cached_features": cfg.cached,
-        "train_rows": data.train.rows,
-        "pad_token_id": tokenizer.pad_token_id or 0,
-        "torch_threads": max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2,
-        "threshold_bins": cfg.threshold_bins if cfg.tune_thresholds else 0,
-        "calibrate": cfg.calibrate,
-        **{k: getattr(cfg, k) for k in ("seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
-                                         "gradient_accumulation", "warmup_ratio", "precision", "max_grad_norm",
-                                         "early_stopping_patience", "best_metric", "length_grouping")},
-    }
+    loop_config = LoopConfig.from_train_config(
+        cfg, heads=data.specs, init_files=init_files, train_rows=data.train.rows, pad_token_id=tokenizer.pad_token_id or 0,
+        torch_threads=max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 2)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config.as_train_loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(
@@ -157,22 +148,14 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
     calibration = {h: r["calibration"] for h, r in best_reports.items() if "calibration" in r}
     temperatures = {h: c["temperature"] for h, c in calibration.items() if c["temperature"] is not None}
 
-    out = locate(cfg.output)
-    out.fs.makedirs(out.path, exist_ok=True)
     with best_ckpt.as_directory() as best_dir:
         model = MultiTaskModel.from_pretrained(best_dir)
     # The heads as validation exported them: calibration, and thresholds mapped to the calibrated scores.
     for head, report in best_reports.items():
         model.set_head_spec(HeadSpec.from_dict(report["head"]))
-    model.save_pretrained(work / "best")
-    for name in ("config.json", "model.safetensors"):
-        out.fs.put(str(work / "best" / name), posixpath.join(out.path, name))
-    for f in (work / "init").iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
-            out.fs.put(str(f), posixpath.join(out.path, f.name))  # tokenizer files
 
     summary = {
-        "output": cfg.output,
+        "output": redact_uri(cfg.output),
         "best_epoch": best_metrics["epoch"],
         "best_metric": cfg.best_metric,
         "best_score": best_metrics[cfg.best_metric],
@@ -191,14 +174,44 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         "train_examples_per_s": float(sum(h["train_examples_per_s"] for h in history) / len(history)),
         "seconds": time.time() - started,
         "feature_cache": feature_cache,
-        "ray_train_run": posixpath.join(storage, run_name),
+        "ray_train_run": redact_uri(posixpath.join(storage, run_name)),
     }
     profiles = {h: r["profile"] for h, r in best_reports.items() if "profile" in r}
-    write_json(out.join(REFERENCE_FILE), reference_document(profiles, f"validation set, epoch {best_metrics['epoch']}"))
-    write_json(out.join("training_summary.json"), summary)
-    for spec in data.specs:
-        local = str(work / f"{spec.name}_training.png")
-        plot_history(summary["epochs"], spec.name, local)
-        out.fs.put(local, out.join(f"{spec.name}_training.png").path)
+    reference = reference_document(profiles, f"validation set, epoch {best_metrics['epoch']}")
+    export_trained_model(cfg.output, model, work / "init", summary, reference, [s.name for s in data.specs], work / "export")
     return summary
+
+
+def export_trained_model(output: str, model: MultiTaskModel, tokenizer_dir: Path, summary: dict[str, Any],
+                         reference: dict[str, Any], plot_heads: list[str], staging: Path) -> None:
+    """Writes the whole model directory locally, then publishes it at ``output`` in one step.
+
+    The directory is the model (``config.json``, ``model.safetensors``), the tokenizer files of
+    ``tokenizer_dir``, ``reference_profile.json``, ``training_summary.json`` and one
+    ``<head>_training.png`` per head in ``plot_heads``. :func:`~pipelines.artifacts.publish_model_dir`
+    replaces what ``output`` held as a whole, so no file of an earlier model (such as the plot of
+    a head this model does not have) stays, and a scorer loading meanwhile gets either model whole.
+
+    Args:
+        output: The model directory URI.
+        model: The model to export.
+        tokenizer_dir: A directory holding the tokenizer files (its config and weights are ignored).
+        summary: ``training_summary.json`` (``epochs`` is plotted).
+        reference: ``reference_profile.json``.
+        plot_heads: Heads to plot.
+        staging: An empty or absent local scratch directory to write the files into.
+
+    Raises:
+        InputError: When ``output`` exists and is not an mtcls model directory.
+    """
+    staging.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copyfile(f, staging / f.name)
+    write_json(locate(str(staging / REFERENCE_FILE)), reference)
+    write_json(locate(str(staging / "training_summary.json")), summary)
+    for head in plot_heads:
+        plot_history(summary["epochs"], head, str(staging / f"{head}_training.png"))
+    publish_model_dir(staging, output)
 

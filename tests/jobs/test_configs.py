@@ -1,12 +1,13 @@
 """Every shipped YAML validates with the command on its first line, and none scores real data with the demo model."""
 
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.config import REQUIRED, ConfigError, load_config
+from pipelines.config import REQUIRED, ConfigError, config_to_dict, load_config, validate_config
 from pipelines.evaluate.config import EvalConfig
 from pipelines.score.config import ScoreConfig
 from pipelines.train.config import TrainConfig
@@ -35,7 +36,13 @@ def test_there_are_configs_for_every_job():
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_validates_with_the_command_on_its_first_line(path):
-    load_config(CONFIG_CLASSES[path.parent.name], path, header_overrides(path))
+    cls = CONFIG_CLASSES[path.parent.name]
+    cfg = load_config(cls, path, header_overrides(path))
+    # Every key the YAML sets is taken as written (nothing silently dropped or renamed).
+    raw = yaml.safe_load(path.read_text()) or {}
+    assert set(raw) <= set(cfg.model_fields_set)
+    # The manifest's form of the config (JSON of config_to_dict) validates back to the same config.
+    assert validate_config(cls, json.loads(json.dumps(config_to_dict(cfg)))) == cfg
 
 
 @pytest.mark.parametrize("path", [p for p in YAMLS if p.parent.name in SCORED_INPUT],

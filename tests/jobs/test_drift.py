@@ -10,7 +10,7 @@ from jobs.drift import main
 from mtcls import HeadSpec
 from mtcls.profile import head_profile
 from pipelines.score.drift import drift_section, profile_section
-from pipelines.score.output import Verification
+from pipelines.sink.base import Verification
 from pipelines.storage import InputError
 from tests.conftest import ALL_KIND_HEADS
 from tests.mtcls.test_profile import random_probs
@@ -19,14 +19,15 @@ SPECS = [HeadSpec.from_dict(h) for h in ALL_KIND_HEADS[:4]]  # binary, multiclas
 
 
 def write_partition(root, day, probs, reference):
-    """A partition's manifest as the scoring job writes it (its profile and drift sections)."""
+    """A complete partition as the scoring job leaves it: its manifest (profile and drift sections) and ``_SUCCESS``."""
     prof = {s.name: head_profile(s, probs[s.name]) for s in SPECS}
     rows = len(probs[SPECS[0].name])
     verification = Verification(rows_out=rows, rows_error=3, profile=prof)
-    manifest = {"model": {"weights_sha256": "abc"}, "profile": profile_section(SPECS, verification),
+    manifest = {"status": "complete", "model": {"weights_sha256": "abc"}, "profile": profile_section(SPECS, verification),
                 "drift": drift_section(SPECS, verification, reference, 0.2, "model")}
     (root / f"date={day}").mkdir(parents=True)
     (root / f"date={day}" / "_manifest.json").write_text(json.dumps(manifest))
+    (root / f"date={day}" / "_SUCCESS").write_text("")
     return manifest
 
 
@@ -40,9 +41,9 @@ def test_drift_table_and_plots_over_partitions(tmp_path, capsys):
         if day == "2026-11-21":  # a bad feed: every row looks like class "ad"
             probs["type"][:] = [0.01, 0.01, 0.98]
         write_partition(root, day, probs, reference)
-    (root / "date=2026-11-23").mkdir()  # a partition still being written: no manifest yet, ignored
     (root / "date=2026-11-19").mkdir()
     (root / "date=2026-11-19" / "_manifest.json").write_text(json.dumps({"rows_in": 5}))  # scored with profile=false
+    (root / "date=2026-11-19" / "_SUCCESS").write_text("")
 
     summary = main([str(root)])
     assert summary["partitions"] == ["2026-11-19", *days] and summary["partitions_without_profile"] == ["2026-11-19"]

@@ -1,4 +1,5 @@
-"""Real faults during scoring: SIGKILL of the driver, an inference actor and a write task, then exactly once."""
+"""Real faults during scoring: SIGKILL of the driver, an inference actor and a write task, SIGSTOP past the
+lease, then exactly once."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.score.output import visible_rows as output_visible_rows
+from pipelines.sink.parquet import visible_rows as output_visible_rows
 from pipelines.storage import locate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,18 +38,6 @@ def visible_rows(out: Path) -> int:
     return output_visible_rows(locate(str(out)))
 
 
-def kill_marked(marker: str) -> None:
-    """SIGKILLs every process whose environment carries the marker (the driver and the Ray it started)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
-
-
 def worker_pids(title: str) -> list[int]:
     """Ray worker processes whose title holds ``title`` (Ray titles a busy worker ``ray::<what it runs>``)."""
     pids = []
@@ -61,9 +50,21 @@ def worker_pids(title: str) -> list[int]:
     return pids
 
 
-def score_cmd(inp: Path, out: Path, model: Path) -> list[str]:
+def score_cmd(inp: Path, out: Path, model: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.score", f"input={inp}", f"output={out}", f"model={model}", "progress=false",
-            "rows_per_file=200", "block_rows=50", "max_tokens_per_batch=64", "num_actors=1", "lock_timeout_s=2"]
+            "rows_per_file=200", "block_rows=50", "max_tokens_per_batch=64", "num_actors=1", *extra]
+
+
+def signal_marked(marker: str, sig: int) -> None:
+    """Sends ``sig`` to every process whose environment carries the marker (the driver and the Ray it started)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                os.kill(int(pid), sig)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def test_driver_killed_mid_run_then_rerun_scores_each_row_once(tmp_path, tiny_model_dir):
@@ -81,15 +82,17 @@ def test_driver_killed_mid_run_then_rerun_scores_each_row_once(tmp_path, tiny_mo
             break
         time.sleep(0.2)
     assert job.poll() is None, "the job finished before it could be killed; make the corpus larger"
-    kill_marked(marker)
+    signal_marked(marker, signal.SIGKILL)
     job.wait(timeout=30)
     at_kill = visible_rows(out)
     assert 0 < at_kill < len(ids) and not (out / "_SUCCESS").exists()
     assert len(set(seen)) > 2  # rows became visible while the job ran, in several steps
 
+    # At once, with the default 120 s lease: the dead driver's lease is taken over because its process is gone.
     rerun = subprocess.run(score_cmd(tmp_path / "in", out, tiny_model_dir), cwd=ROOT, env={**env, marker: "0"},
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "its process is gone" in rerun.stderr
     manifest = json.loads((out / "_manifest.json").read_text())
     table = pd.read_parquet(out, columns=["id"])
     assert len(table) == len(ids) and set(table["id"]) == ids and table["id"].is_unique
@@ -128,3 +131,48 @@ def test_inference_actor_and_write_task_killed_mid_run_lose_no_row(tmp_path, tin
     assert len(table) == len(ids) and set(table["id"]) == ids and table["id"].is_unique
     assert manifest["rows_out"] == len(ids) and manifest["verification"]["problems"] == []
     assert ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, tokenizer):
+    from tests.conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("other_model")
+    tiny_model(seed=7).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_job_stalled_past_its_lease_commits_nothing_after_another_job_took_over(tmp_path, tiny_model_dir, other_model_dir):
+    ids = write_inputs(tmp_path / "in", files=8, rows=1000)
+    out = tmp_path / "out"
+    marker = f"MTCLS_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    first = subprocess.Popen(score_cmd(tmp_path / "in", out, tiny_model_dir, "lock_timeout_s=2"), cwd=ROOT,
+                             env={**env, marker: "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None and visible_rows(out) < 0.2 * len(ids):
+        time.sleep(0.1)
+    assert first.poll() is None, "the first job finished before it could be stopped; make the corpus larger"
+    signal_marked(marker, signal.SIGSTOP)  # the driver and its whole Ray, mid-run
+    try:
+        time.sleep(3)  # past the lease timeout
+        second = subprocess.run(score_cmd(tmp_path / "in", out, other_model_dir, "lock_timeout_s=2", "overwrite=true"),
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "took over the lock" in second.stderr
+        done = snapshot(out)
+    finally:
+        signal_marked(marker, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode not in (0, 2), stderr[-3000:]
+    assert "lost the lock on output" in stderr and "this job must not commit" in stderr
+    assert snapshot(out) == done  # byte for byte the second job's output: no file moved in, removed or rewritten
+    table = pd.read_parquet(out, columns=["id"])
+    assert len(table) == len(ids) and set(table["id"]) == ids and (out / "_SUCCESS").exists()
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under the output, lease records included, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -34,7 +34,7 @@ def smoothed():
 
 def test_a_kind_defined_here_works_through_model_metrics_and_pipelines(smoothed):
     from pipelines.evaluate.statistics import block_statistics, build_report, merge_block_statistics
-    from pipelines.score.schema import output_schema
+    from pipelines.sink.schema import output_schema
 
     spec = HeadSpec.from_dict({"name": "mood", "kind": "smoothed", "labels": ["sad", "ok", "glad"], "class_weights": "balanced"})
     assert spec.impl is smoothed and spec.num_logits == 3

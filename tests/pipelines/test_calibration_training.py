@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from mtcls import HeadSpec
 from mtcls.calibration import calibrate_spec, uncalibrate_spec
-from pipelines.train.loop import validate
+from pipelines.train.validation import validate
 from tests.conftest import tiny_model
 
 HEADS = [
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
 
 def test_validation_fits_calibrations_and_keeps_only_those_that_help_on_held_out_rows():
     result = run_validate(0, 1)
-    reports = result["reports"]
+    reports = result.reports
     assert "calibration" not in reports["sphere"]  # distribution heads are not calibrated
     for head in ("trust", "type", "tags"):
         cal = reports[head]["calibration"]
@@ -76,7 +76,7 @@ def test_validation_fits_calibrations_and_keeps_only_those_that_help_on_held_out
     assert "tuned_thresholds" in reports["tags"]
     uncalibrated = validate(tiny_model(heads=HEADS, seed=3), Shard(), [s for s in tiny_model(heads=HEADS, seed=3).specs.values()],
                             16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
-    assert all("calibration" not in r for r in uncalibrated["reports"].values())
+    assert all("calibration" not in r for r in uncalibrated.reports.values())
 
 
 @pytest.mark.slow
@@ -89,26 +89,26 @@ def test_two_workers_fit_the_same_temperatures_as_one():
     mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
     single = run_validate(0, 1)
     for head in ("trust", "type", "tags"):
-        temps = [out[r]["reports"][head]["calibration"]["temperature"] for r in (0, 1)]
+        temps = [out[r].reports[head]["calibration"]["temperature"] for r in (0, 1)]
         assert temps[0] == temps[1]  # the workers cannot diverge
         # Same data in another order: the same fit up to float rounding (random labels leave the
         # NLL of "trust" and "tags" nearly flat in T, so compare the NLL reached there).
-        cal = single["reports"][head]["calibration"]
-        assert out[0]["reports"][head]["calibration"]["nll_after"] == pytest.approx(cal["nll_after"], rel=1e-5)
-    assert out[0]["reports"]["type"]["calibration"]["temperature"] == pytest.approx(
-        single["reports"]["type"]["calibration"]["temperature"], rel=1e-3)
-    assert out[0]["metrics"] == out[1]["metrics"]
-    assert out[0]["reports"]["tags"]["tuned_thresholds"] == out[1]["reports"]["tags"]["tuned_thresholds"]
+        cal = single.reports[head]["calibration"]
+        assert out[0].reports[head]["calibration"]["nll_after"] == pytest.approx(cal["nll_after"], rel=1e-5)
+    assert out[0].reports["type"]["calibration"]["temperature"] == pytest.approx(
+        single.reports["type"]["calibration"]["temperature"], rel=1e-3)
+    assert out[0].metrics == out[1].metrics
+    assert out[0].reports["tags"]["tuned_thresholds"] == out[1].reports["tags"]["tuned_thresholds"]
     for key in ("trust_macro_f1", "type_macro_f1", "tags_macro_f1", "sphere_macro_f1", "mean_macro_f1"):
-        assert out[0]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-9)
+        assert out[0].metrics[key] == pytest.approx(single.metrics[key], abs=1e-9)
     # The reference profile is summed over the workers: both hold the same, and it is the one worker's.
     for head in ("trust", "type", "tags", "sphere"):
-        assert out[0]["reports"][head]["profile"] == out[1]["reports"][head]["profile"]
-        mine, one = out[0]["reports"][head]["profile"], single["reports"][head]["profile"]
+        assert out[0].reports[head]["profile"] == out[1].reports[head]["profile"]
+        mine, one = out[0].reports[head]["profile"], single.reports[head]["profile"]
         assert mine["rows"] == one["rows"] == 90 and mine["label_counts"] == one["label_counts"]
         assert mine["labelled_rows"] == one["labelled_rows"]
     for head in ("type", "sphere"):  # arg-max decisions: the temperature's last bits cannot flip them
-        assert out[0]["reports"][head]["profile"]["mix"] == single["reports"][head]["profile"]["mix"]
+        assert out[0].reports[head]["profile"]["mix"] == single.reports[head]["profile"]["mix"]
 
 
 def test_a_warm_started_calibrated_head_is_validated_on_raw_scores_and_keeps_its_calibration():
@@ -116,11 +116,11 @@ def test_a_warm_started_calibrated_head_is_validated_on_raw_scores_and_keeps_its
     calibrated = calibrate_spec(model.specs["tags"], 2.0, [0.5, 1.0, 1.5])
     specs = [calibrated if s.name == "tags" else s for s in model.specs.values()]
     result = validate(model, Shard(), specs, 16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
-    head = HeadSpec.from_dict(result["reports"]["tags"]["head"])
+    head = HeadSpec.from_dict(result.reports["tags"]["head"])
     assert head.temperature == 2.0 and head.logit_offset == [0.5, 1.0, 1.5]
-    tuned = result["reports"]["tags"]["tuned_thresholds"]
+    tuned = result.reports["tags"]["tuned_thresholds"]
     assert head.thresholds == tuned["thresholds"]  # exported on the calibrated scale...
     assert uncalibrate_spec(head).thresholds == pytest.approx(tuned["raw_thresholds"], abs=1e-9)  # ...tuned on the raw one
     plain = validate(model, Shard(), list(model.specs.values()), 16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
-    assert plain["reports"]["tags"]["tuned_thresholds"]["raw_thresholds"] == tuned["raw_thresholds"]
-    assert plain["metrics"]["tags_tuned_macro_f1"] == result["metrics"]["tags_tuned_macro_f1"]
+    assert plain.reports["tags"]["tuned_thresholds"]["raw_thresholds"] == tuned["raw_thresholds"]
+    assert plain.metrics["tags_tuned_macro_f1"] == result.metrics["tags_tuned_macro_f1"]

@@ -103,21 +103,34 @@ def test_embedding_column_is_the_pooled_output_and_float16_halves_it(tmp_path, t
     assert manifest16["encoder"] == {**identity, "max_length": 32}
 
 
-def test_rows_with_an_error_have_null_embeddings(tmp_path, tiny_model_dir, ray_local):
-    table = pa.table({
-        "id": ["ok", "null", "empty", "too-long", "also-ok"],
-        # The tiny encoder has 160 positions: a 200-token row fails in the forward pass (retried alone).
-        "text": ["fine text", None, "  ", "word " * 400, "another fine text"],
-    })
-    pq.write_table(table, tmp_path / "in.parquet")
-    cfg, manifest = score(tmp_path, tiny_model_dir, "out", input=str(tmp_path / "in.parquet"), embeddings="true", max_length=200)
-    out = pd.read_parquet(cfg.output).set_index("id")
-    assert manifest["rows_error"] == 3
-    assert out.loc["too-long", "error"].startswith("inference failed")
-    assert out.loc[["null", "empty", "too-long"], "embedding"].isna().all()
+def test_rows_with_an_error_have_null_embeddings(tiny_model_dir, tokenizer):
+    """The inference actor called directly (no Ray): rows without text, and a row whose forward pass fails."""
+    from pipelines.actor import InferenceActor, ScoredColumns
+    from pipelines.artifacts import read_model_files
+    from pipelines.blocks import IDS, PRECISION, PRECISION_TYPE
+    from pipelines.sink.schema import embedding_type, output_schema
+    from pipelines.tokenize import tokenize_block
+
+    rows = pa.table({"id": ["ok", "null", "empty", "bad-ids", "also-ok"],
+                     "text": ["fine text", None, "  ", "fine text too", "another fine text"]})
+    block = tokenize_block(rows, ["id"], ["text"], " ", 64, tokenizer)
+    ids = block.column(IDS).to_pylist()
+    ids[3] = [101, 10 ** 6, 102]  # an id past the vocabulary: the forward pass fails, retried row by row
+    block = block.set_column(block.schema.get_field_index(IDS), IDS, pa.array(ids, pa.list_(pa.int32())))
+    model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
+    schema = output_schema(model.config.head_specs(), pa.schema([("id", pa.string())]), {}, ["text"],
+                           embedding=embedding_type(HIDDEN, "float32"))
+    actor = InferenceActor([read_model_files(tiny_model_dir)], inputs="tokens",
+                           output=ScoredColumns(pa.schema([*schema, pa.field(PRECISION, PRECISION_TYPE)])),
+                           precision="fp32", max_length=64, torch_threads=1)
+    out = actor(block).to_pandas().set_index("id")
+    assert out.loc["bad-ids", "error"].startswith("inference failed")
+    assert out.loc["null", "error"].startswith("empty text") and out.loc["empty", "error"].startswith("empty text")
+    assert out.loc[["null", "empty", "bad-ids"], "embedding"].isna().all()
     assert out.loc[["ok", "also-ok"], "error"].isna().all()
     vectors = np.stack(out.loc[["ok", "also-ok"], "embedding"].to_numpy())
-    assert vectors.shape == (2, HIDDEN) and np.isfinite(vectors).all()
+    expected = pooled_directly(model, tokenizer, ["fine text", "another fine text"], 64)
+    assert vectors.shape == (2, HIDDEN) and np.allclose(vectors, expected, atol=1e-5)
 
 
 def test_encoder_identity_ignores_heads_but_not_encoder_weights(tmp_path, tokenizer, ray_local):

@@ -17,7 +17,7 @@ from mtcls.inference import InferenceEngine, uncalibrated_key
 from pipelines.config import ConfigError
 from pipelines.evaluate.report import plot_reliability, report_markdown
 from pipelines.evaluate.statistics import NO_TEMPERATURE, NO_UNCALIBRATED, block_statistics, build_report, merge_block_statistics
-from pipelines.score.schema import output_schema
+from pipelines.sink.schema import output_schema
 from tests.conftest import ALL_KIND_HEADS, tiny_model
 
 SPECS = [HeadSpec.from_dict(h) for h in ALL_KIND_HEADS]
@@ -57,6 +57,8 @@ def write_predictions(path, ids, probs, shards):
     path.mkdir()
     for k, part in enumerate(np.array_split(np.arange(len(ids)), shards)):
         pq.write_table(table.take(part), path / f"part-{k:03d}.parquet")
+    (path / "_manifest.json").write_text(json.dumps({"status": "complete"}))  # complete, as jobs.score leaves it
+    (path / "_SUCCESS").write_text("")
 
 
 def write_labels(path, ids, labels, extra=None):

@@ -19,15 +19,15 @@ import pytest
 
 from tests.conftest import moto_s3
 
-from pipelines.score.lock import LockHeldError, LockLostError, OutputLock
+from pipelines.sink.lock import LockHeldError, LockLostError, OutputLock
 from pipelines.storage import InputError
 
 FORK = multiprocessing.get_context("fork")
 
 
-def _hold(uris, timeout_s, heartbeat_s, ready, report):
+def _hold(uris, timeout_s, heartbeat_s, ready, report, owner=None):
     """In a child: holds locks on ``uris`` until killed; reports the first lock it finds lost."""
-    locks = [OutputLock(u, timeout_s=timeout_s, heartbeat_s=heartbeat_s, owner={"run_id": "doomed"}).acquire()
+    locks = [OutputLock(u, timeout_s=timeout_s, heartbeat_s=heartbeat_s, owner={"run_id": "doomed", **(owner or {})}).acquire()
              for u in uris]
     ready.set()
     while True:
@@ -43,9 +43,9 @@ def _hold(uris, timeout_s, heartbeat_s, ready, report):
                     return
 
 
-def _start_holder(uris, timeout_s, heartbeat_s):
+def _start_holder(uris, timeout_s, heartbeat_s, owner=None):
     ready, report = FORK.Event(), FORK.Queue()
-    proc = FORK.Process(target=_hold, args=(uris, timeout_s, heartbeat_s, ready, report), daemon=True)
+    proc = FORK.Process(target=_hold, args=(uris, timeout_s, heartbeat_s, ready, report, owner), daemon=True)
     proc.start()
     assert ready.wait(20), "the holder did not take its locks"
     return proc, report
@@ -163,11 +163,38 @@ def test_timings_are_checked():
         OutputLock("/tmp/unused", timeout_s=10, heartbeat_s=10)
 
 
-def test_killed_holder_is_taken_over_after_the_timeout_not_before(tmp_path):
+def test_killed_holder_on_this_host_is_taken_over_at_once(tmp_path, caplog):
     out = str(tmp_path / "out")
-    holder, _ = _start_holder([out], timeout_s=0.6, heartbeat_s=0.1)
-    time.sleep(1.0)  # longer than the timeout: only the heartbeat keeps the lock
+    holder, _ = _start_holder([out], timeout_s=60, heartbeat_s=1)
     with pytest.raises(LockHeldError, match=f"pid {holder.pid}"):
+        OutputLock(out, timeout_s=60, heartbeat_s=1).acquire()
+    holder.kill()
+    holder.join()
+    started = time.time()
+    with caplog.at_level(logging.WARNING, logger="pipelines.sink.lock"), OutputLock(out, timeout_s=60, heartbeat_s=1) as lock:
+        assert time.time() - started < 5  # not the 60 s timeout
+        assert lock.record["took_over_from"]["run_id"] == "doomed"
+        lock.check()
+    assert "its process is gone" in caplog.text
+
+
+def test_holder_whose_pid_now_names_another_process_is_taken_over_at_once(tmp_path):
+    out = str(tmp_path / "out")
+    # The record names this test's own (live) pid with another start time: a reused pid.
+    holder, _ = _start_holder([out], timeout_s=60, heartbeat_s=1, owner={"pid": os.getpid(), "pid_started": "1"})
+    try:
+        with OutputLock(out, timeout_s=60, heartbeat_s=1) as lock:
+            assert lock.record["took_over_from"]["run_id"] == "doomed"
+    finally:
+        holder.kill()
+        holder.join()
+
+
+def test_killed_holder_on_another_host_is_taken_over_after_the_timeout_not_before(tmp_path):
+    out = str(tmp_path / "out")
+    holder, _ = _start_holder([out], timeout_s=0.6, heartbeat_s=0.1, owner={"host": "another-host"})
+    time.sleep(1.0)  # longer than the timeout: only the heartbeat keeps the lock
+    with pytest.raises(LockHeldError, match=f"host another-host \\(pid {holder.pid}"):
         OutputLock(out, timeout_s=0.6, heartbeat_s=0.1).acquire()
 
     holder.kill()
@@ -217,7 +244,7 @@ def test_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
 def test_store_without_conditional_writes_warns_best_effort(caplog):
     out = f"memory://mtcls-lock-test/{uuid.uuid4().hex}"
     with (
-        caplog.at_level(logging.WARNING, logger="pipelines.score.lock"),
+        caplog.at_level(logging.WARNING, logger="pipelines.sink.lock"),
         OutputLock(out, owner={"run_id": "mem"}),
         pytest.raises(LockHeldError, match="run mem"),
     ):

@@ -62,7 +62,7 @@ def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_lo
     assert manifest["calibration"] == {"type": 2.0}
     assert manifest["precision"] == {"requested": "fp32", "used_this_run": {"fp32": "set in the config"}}
     commits = [json.loads(pq.read_schema(p).metadata[b"mtcls_commit"]) for p in Path(cfg.output).glob("*.parquet")]
-    assert {c["precision"] for c in commits} == {"fp32\tset in the config"}
+    assert {(p["name"], p["reason"]) for c in commits for p in c["precision"]} == {("fp32", "set in the config")}
     model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = sorted(texts)
@@ -240,7 +240,7 @@ def test_duplicate_files_are_removed_and_damaged_files_are_caught(tmp_path, tiny
 
 
 def test_a_second_job_on_a_held_output_fails_naming_the_holder(tmp_path, tiny_model_dir, ray_local):
-    from pipelines.score.lock import LockHeldError, OutputLock
+    from pipelines.sink.lock import LockHeldError, OutputLock
     from pipelines.storage import locate
 
     write_corpus(tmp_path / "in.parquet", 5)

@@ -5,7 +5,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.train.loop import accumulate_gradients, freeze_unused_pooler, param_groups
+from pipelines.train.loop import freeze_unused_pooler, param_groups
+from pipelines.train.step import accumulate_gradients
 from tests.conftest import ALL_KIND_HEADS, tiny_model
 
 ROWS, TOKENS, IGNORE = 32, 7, -100

@@ -21,7 +21,8 @@ from mtcls.profile import head_profile, load_reference
 from pipelines.config import ConfigError, load_config
 from pipelines.storage import InputError
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import Progress, length_grouped
+from pipelines.train.batches import length_grouped
+from pipelines.train.loop import Progress
 
 WORDS = {"pos": ["great", "lovely", "excellent", "superb"], "neg": ["awful", "broken", "terrible", "bad"]}
 TOPICS = {"sport": ["match", "goal", "team"], "tech": ["phone", "laptop", "chip"]}
