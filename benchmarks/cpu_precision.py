@@ -1,7 +1,7 @@
 """CPU precision: quality on real test sets and speed, fp32 against bf16 (``auto``) and int8 (issue 12).
 
-    python benchmarks/cpu_precision.py --only quality --olid-model DIR --goemotions-model DIR
-    python benchmarks/cpu_precision.py --only speed [--rows 3000]
+    python -m benchmarks.cpu_precision --only quality --olid-model DIR --goemotions-model DIR
+    python -m benchmarks.cpu_precision --only speed [--rows 3000]
 
 ``quality``: scores the OLID and GoEmotions test sets with models trained by the shipped configs
 (``jobs/configs/train/{olid,goemotions}.yaml``) at every precision, through the same
@@ -19,13 +19,9 @@ Prints JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +29,12 @@ import pyarrow.parquet as pq
 import torch
 
 import mtcls
-from score_throughput import HEADS, ROOT, bench_job, save_model, steady, write_corpus
+from benchmarks.harness import (
+    GOEMOTIONS, TEST_SETS, Timer, bench_job, decisions, forward_rows_per_s, machine, minilm_model, parser, print_json,
+    repeat_to, save_model, start_ray, steady, write_corpus
+)
 
-DATA = ROOT.parent / "shared" / "data"
-TEST_SETS = {"olid": (DATA / "olid" / "test.parquet", ["tweet"]), "goemotions": (DATA / "goemotions" / "test.parquet", ["text"])}
 PRECISIONS = ("fp32", "bf16", "int8")
-
-
-def decisions(spec: mtcls.HeadSpec, probs: np.ndarray) -> np.ndarray:
-    """One comparable decision per row: the label index, or the packed label set (multilabel)."""
-    picked = np.asarray(mtcls.predict_indices(spec, probs))
-    return picked.reshape(len(picked), -1)
 
 
 def quality(model_dir: Path, data: Path, text_columns: list[str], threads: int) -> dict:
@@ -56,8 +47,8 @@ def quality(model_dir: Path, data: Path, text_columns: list[str], threads: int) 
     reference: dict[str, np.ndarray] = {}
     for precision in PRECISIONS:
         engine = mtcls.InferenceEngine.load(model_dir, torch_threads=threads, precision=precision, device="cpu")
-        start = time.perf_counter()
-        probs, _ = engine.predict([texts[i] for i in keep])
+        with Timer() as timer:
+            probs, _ = engine.predict([texts[i] for i in keep])
         heads = {}
         for name, spec in engine.specs.items():
             labels = mtcls.encode_labels(spec, [table.column(name)[i].as_py() for i in keep], on_unknown="mark")
@@ -69,41 +60,31 @@ def quality(model_dir: Path, data: Path, text_columns: list[str], threads: int) 
                            "agreement_with_fp32": float(np.mean(np.all(dec == reference[name], axis=1))),
                            # single decisions (one per row, or one per row and label for multilabel)
                            "decision_agreement_with_fp32": float(np.mean(dec == reference[name]))}
-        out["precisions"][precision] = {"used": engine.precision.reason, "seconds": time.perf_counter() - start, "heads": heads}
+        out["precisions"][precision] = {"used": engine.precision.reason, "seconds": timer.seconds, "heads": heads}
     base = out["precisions"]["fp32"]["heads"]
     out["deltas_vs_fp32_points"] = {p: {h: 100 * (v["macro_f1"] - base[h]["macro_f1"]) for h, v in r["heads"].items()}
                                     for p, r in out["precisions"].items() if p != "fp32"}
     return out
 
 
-def forward_rate(engine: mtcls.InferenceEngine, tokens: mtcls.Tokens) -> float:
-    engine.predict_tokens(tokens.rows()[:64])  # warm-up (and, for int8, the first quantized call)
-    start = time.perf_counter()
-    engine.predict_tokens(tokens)
-    return len(tokens) / (time.perf_counter() - start)
-
-
 def speed(rows: int, threads: int) -> dict:
+    """Per precision (fp32, auto, int8): the bare forward's rows/s and the scoring job's steady-state rows/s."""
     from transformers import AutoTokenizer
 
-    import ray
-
-    texts = pq.read_table(DATA / "goemotions" / "train.parquet", columns=["text"]).column("text").to_pylist()
-    encoder = mtcls.default_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(encoder))
+    texts = pq.read_table(GOEMOTIONS / "train.parquet", columns=["text"]).column("text").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(str(mtcls.default_encoder_path()))
     work = Path(tempfile.mkdtemp(prefix="mtcls-precision-"))
-    torch.manual_seed(0)
-    model_dir = save_model(mtcls.MultiTaskModel.from_encoder(encoder, HEADS).eval(), tokenizer, work / "minilm")
+    model_dir = save_model(minilm_model(), tokenizer, work / "minilm")
     for name, n in (("1x", rows), ("10x", rows * 10)):
-        write_corpus((texts * (n // len(texts) + 1))[:n], work / name)
+        write_corpus(repeat_to(texts, n), work / name)
     sample = mtcls.tokenize_flat(tokenizer, texts[:: max(1, len(texts) // rows)][:rows], 128)
     out: dict = {}
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray = start_ray()
     try:
         for precision in ("fp32", "auto", "int8"):
             torch.set_num_threads(threads)
             engine = mtcls.InferenceEngine.load(model_dir, torch_threads=threads, precision=precision, device="cpu", max_length=128)
-            forward = forward_rate(engine, sample)
+            forward = forward_rows_per_s(engine, sample)
             small = bench_job(work / "1x", model_dir, work / f"o-{precision}-1", precision=precision, max_length=128)
             large = bench_job(work / "10x", model_dir, work / f"o-{precision}-10", precision=precision, max_length=128)
             job = steady(small, large)
@@ -119,26 +100,25 @@ def speed(rows: int, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="quality,speed")
-    parser.add_argument("--olid-model", help="model trained with jobs/configs/train/olid.yaml")
-    parser.add_argument("--goemotions-model", help="model trained with jobs/configs/train/goemotions.yaml")
-    parser.add_argument("--rows", type=int, default=3000, help="rows of the 1x job run and of the forward sample")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--only", default="quality,speed")
+    cli.add_argument("--olid-model", help="model trained with jobs/configs/train/olid.yaml")
+    cli.add_argument("--goemotions-model", help="model trained with jobs/configs/train/goemotions.yaml")
+    cli.add_argument("--rows", type=int, default=3000, help="rows of the 1x job run and of the forward sample")
+    cli.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = cli.parse_args()
     only = set(args.only.split(","))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                                 "native_bf16": mtcls.precision.cpu_native_bf16(), "torch": torch.__version__}}
+    results: dict = {"machine": machine("cpus", "processor", "native_bf16", "torch")}
     if "quality" in only:
         models = {"olid": args.olid_model, "goemotions": args.goemotions_model}
         for name, model in models.items():
             if model:
-                data, columns = TEST_SETS[name]
-                results[f"quality_{name}"] = quality(Path(model), data, columns, args.threads)
+                data, column = TEST_SETS[name]
+                results[f"quality_{name}"] = quality(Path(model), data, [column], args.threads)
     if "speed" in only:
         results["speed"] = speed(args.rows, args.threads)
-    print(json.dumps(results, indent=2))
+    print_json(results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Drift on real data, and what profiles cost the scoring job; one run, printed as JSON.
 
-    python benchmarks/drift_check.py --model outputs/model-olid [--only drift,overhead]
+    python -m benchmarks.drift_check --model outputs/model-olid [--only drift,overhead]
 
 drift     An OLID model trained with jobs/configs/train/olid.yaml (it carries reference_profile.json)
           scores three partitions with the scoring job; the manifest's PSI per head is reported:
@@ -15,32 +15,25 @@ overhead  The scoring job's steady-state rows/s with profile=true against profil
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from score_throughput import bench_job, save_model, steady, tiny_model, write_corpus  # noqa: E402
-
-import mtcls  # noqa: E402
-from mtcls.profile import load_reference, summarize  # noqa: E402
-from pipelines.score import ScoreConfig, run_score  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data"
+import mtcls
+from benchmarks.harness import (
+    DATA, GOEMOTIONS, TEST_SETS, Timer, bench_job, machine, parser, print_json, repeat_to, save_model, skip, start_ray,
+    steady, tiny_model, write_corpus
+)
+from mtcls.profile import load_reference, summarize
+from pipelines.score import ScoreConfig, run_score
 
 
 def score_partition(model: Path, table: pa.Table, work: Path, name: str) -> dict:
+    """Scores ``table`` (``id``, ``tweet``) with the scoring job at fp32; its rows, flagged heads, PSI and prediction mix."""
     (work / name).mkdir(parents=True)
     pq.write_table(table, work / name / "part.parquet")
     cfg = ScoreConfig(input=str(work / name), output=str(work / f"{name}_out"), model=str(model), text_columns=["tweet"],
@@ -54,14 +47,15 @@ def score_partition(model: Path, table: pa.Table, work: Path, name: str) -> dict
 
 
 def bench_drift(model: Path, work: Path) -> dict:
+    """The three partitions scored with ``model``, against its reference profile."""
     reference = load_reference(model)
     if reference is None:
         return {"skipped": f"{model} has no reference_profile.json (train it with this version of jobs.train)"}
-    olid = pq.read_table(DATA / "olid" / "test.parquet", columns=["id", "tweet", "subtask_a"])
+    olid = pq.read_table(TEST_SETS["olid"][0], columns=["id", "tweet", "subtask_a"])
     rng = np.random.default_rng(0)
     half = olid.take(np.sort(rng.choice(olid.num_rows, olid.num_rows // 2, replace=False)))
     off = olid.filter(pa.compute.equal(olid.column("subtask_a"), "OFF"))
-    ge = pq.read_table(DATA / "goemotions" / "test.parquet", columns=["id", "text"]).rename_columns(["id", "tweet"])
+    ge = pq.read_table(TEST_SETS["goemotions"][0], columns=["id", "text"]).rename_columns(["id", "tweet"])
     specs = {s.name: s for s in mtcls.MultiTaskConfig.from_pretrained(model).head_specs()}
     ref_mix = {h: summarize(specs[h], p)["prediction_mix"] for h, p in reference["heads"].items()}
     return {
@@ -73,17 +67,18 @@ def bench_drift(model: Path, work: Path) -> dict:
 
 
 def bench_overhead(model: Path | None, work: Path, rows: int, repeats: int) -> dict:
+    """Steady-state rows/s with the profile on and off (interleaved), and the in-process cost of one file's profile."""
     from transformers import AutoTokenizer
 
     from pipelines.sink.write import file_profile
 
     tokenizer = AutoTokenizer.from_pretrained(str(mtcls.default_encoder_path()))
-    texts = pq.read_table(DATA / "goemotions" / "train.parquet", columns=["text"]).column("text").to_pylist()
+    texts = pq.read_table(GOEMOTIONS / "train.parquet", columns=["text"]).column("text").to_pylist()
     out: dict = {}
 
     def corpus(n: int, name: str) -> Path:
         if not (work / name).exists():
-            write_corpus((texts * (n // len(texts) + 1))[:n], work / name)
+            write_corpus(repeat_to(texts, n), work / name)
         return work / name
 
     models = {"near_zero_cost_encoder": (save_model(tiny_model(tokenizer), tokenizer, work / "tiny"), rows * 5)}
@@ -112,36 +107,33 @@ def bench_overhead(model: Path | None, work: Path, rows: int, repeats: int) -> d
         columns.update(s.impl.decode(s, probs[s.name]))
     table = pa.table({"id": pa.array(np.arange(n).astype(str)), **columns, "truncated": pa.array(np.zeros(n, bool)),
                       "error": pa.nulls(n, pa.string())})
-    start = time.perf_counter()
-    file_profile(table, specs)
-    seconds = time.perf_counter() - start
-    out["profile_of_one_100k_row_file"] = {"seconds": seconds, "microseconds_per_row": 1e6 * seconds / n,
+    with Timer() as timer:
+        file_profile(table, specs)
+    out["profile_of_one_100k_row_file"] = {"seconds": timer.seconds, "microseconds_per_row": 1e6 * timer.seconds / n,
                                            "heads": [s.kind for s in specs]}
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="an OLID model trained with jobs/configs/train/olid.yaml")
-    parser.add_argument("--only", default="drift,overhead")
-    parser.add_argument("--rows", type=int, default=3000, help="rows of the 1x OLID-model run (x5 for the tiny encoder)")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--model", default="", help="an OLID model trained with jobs/configs/train/olid.yaml")
+    cli.add_argument("--only", default="drift,overhead")
+    cli.add_argument("--rows", type=int, default=3000, help="rows of the 1x OLID-model run (x5 for the tiny encoder)")
+    cli.add_argument("--repeats", type=int, default=2)
+    args = cli.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not DATA.is_dir():
-        print(json.dumps({"skipped": f"{DATA} not found"}))
+        skip(f"{DATA} not found")
         return
-    import ray
-
-    ray.init(include_dashboard=False, log_to_driver=False)
+    start_ray()
     work = Path(tempfile.mkdtemp(prefix="mtcls-drift-"))
     model = Path(args.model) if args.model else None
-    results: dict = {"machine": {"cpus": os.cpu_count()}}
+    results: dict = {"machine": machine("cpus")}
     if "drift" in args.only and model is not None:
         results["drift"] = bench_drift(model, work)
     if "overhead" in args.only:
         results["overhead"] = bench_overhead(model, work, args.rows, args.repeats)
-    print(json.dumps(results, indent=2))
+    print_json(results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Scoring on a GPU machine (issue 11's `gpu` figures), printed as JSON.
 
-    python benchmarks/gpu_throughput.py [--rows 100000] [--long-rows 30000] [--models minilm,bert_base] [--out gpu.json]
-    python benchmarks/gpu_throughput.py --allow-cpu --rows 300 --long-rows 30 --forward-rows 50 --budgets 2048   # checks this script on a CPU
+    python -m benchmarks.gpu_throughput [--rows 100000] [--long-rows 30000] [--models minilm,bert_base] [--out gpu.json]
+    python -m benchmarks.gpu_throughput --allow-cpu --rows 300 --long-rows 30 --forward-rows 50 --budgets 2048   # checks this script on a CPU
 
 Per model, at ``precision=auto`` (bf16 autocast on a GPU with bf16):
   forward_by_budget  the bare forward pass on one GPU, pre-tokenized rows fed ``block_rows`` at a time as
@@ -22,61 +22,24 @@ Targets (issue 11): MiniLM >= 40,000 rows/s per H100, BERT-base (128 tokens) >= 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import mtcls  # noqa: E402
-from mtcls.inference import DEFAULT_MAX_TOKENS, token_budget_batches  # noqa: E402
-from pipelines.score import ScoreConfig  # noqa: E402
-from score_throughput import HEADS, Sampler, bench_job, corpus_texts, save_model, steady, write_corpus  # noqa: E402
+import mtcls
+from benchmarks.harness import (
+    GOEMOTIONS, HEADS, GpuSampler, Timer, bench_job, corpus_texts, machine, minilm_model, parser, print_json, repeat_to,
+    save_model, skip, start_ray, steady, warm_up_workers, write_corpus
+)
+from mtcls.inference import DEFAULT_MAX_TOKENS, token_budget_batches
+from pipelines.score import ScoreConfig
 
 LONG_TOKENS = 128
-
-
-class GpuSampler(Sampler):
-    """``nvidia-smi`` utilisation of every GPU, sampled in a thread; no samples where there is no ``nvidia-smi``."""
-
-    interval = 0.2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.samples: list[list[float]] = []
-        self.available = shutil.which("nvidia-smi") is not None
-
-    def sample(self) -> None:
-        if not self.available:
-            return
-        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True)
-        try:
-            if out.returncode == 0:
-                self.samples.append([float(v) for v in out.stdout.split()])
-        except ValueError:  # "[N/A]" (MIG): no figure
-            self.available = False
-
-    def summary(self) -> dict | None:
-        if not self.samples:
-            return None
-        k = len(self.samples) // 10
-        middle = self.samples[k:len(self.samples) - k] or self.samples
-        per_gpu = list(zip(*self.samples))
-        return {"samples": len(self.samples), "mean_percent_per_gpu": [round(statistics.fmean(g), 1) for g in per_gpu],
-                "middle_80pct_mean_percent_per_gpu": [round(statistics.fmean(g), 1) for g in zip(*middle)]}
 
 
 def bert_base(tokenizer) -> mtcls.MultiTaskModel:
@@ -102,7 +65,7 @@ def long_texts(texts: list[str], tokenizer, rows: int, pool: int = 5000) -> list
             current, tokens = [], 2
             if len(out) == pool:
                 break
-    return (out * (rows // len(out) + 1))[:rows]
+    return repeat_to(out, rows)
 
 
 def forward_rate(model, tokenizer, texts: list[str], device: str, budget: int, block_rows: int) -> dict:
@@ -113,12 +76,11 @@ def forward_rate(model, tokenizer, texts: list[str], device: str, budget: int, b
     blocks = [mtcls.Tokens(tokens.ids[tokens.offsets[a]:tokens.offsets[b]], tokens.offsets[a:b + 1] - tokens.offsets[a], tokens.truncated[a:b])
               for a, b in ((a, min(a + block_rows, len(texts))) for a in range(0, len(texts), block_rows))]
     engine.predict_tokens(blocks[0])  # warm-up: CUDA kernels, allocator
-    start = time.perf_counter()
-    for block in blocks:
-        engine.predict_tokens(block)
-    seconds = time.perf_counter() - start
+    with Timer() as timer:
+        for block in blocks:
+            engine.predict_tokens(block)
     passes = sum(len(token_budget_batches(b.lengths, engine.max_tokens)) for b in blocks)
-    return {"rows_per_s": len(texts) / seconds, "rows_per_pass": len(texts) / passes}
+    return {"rows_per_s": len(texts) / timer.seconds, "rows_per_pass": len(texts) / passes}
 
 
 def checked_job(corpus: Path, model_dir: Path, out: Path, gpus: int, **overrides) -> dict:
@@ -137,6 +99,7 @@ def checked_job(corpus: Path, model_dir: Path, out: Path, gpus: int, **overrides
 
 
 def bench_model(name: str, model_dir: Path, model, tokenizer, texts: list[str], rows: int, args, work: Path, gpus: int) -> dict:
+    """One model's forward sweep over token budgets, then its 1x and 10x jobs (the 10x one with GPU sampling)."""
     device = "cuda" if gpus else "cpu"
     sample = texts[: args.forward_rows]
     job_budget = args.max_tokens or DEFAULT_MAX_TOKENS[device]
@@ -145,12 +108,12 @@ def bench_model(name: str, model_dir: Path, model, tokenizer, texts: list[str], 
     if gpus:
         torch.cuda.empty_cache()
     corpora = {}
-    for label, n in (("warm", min(rows, 5000)), ("1x", rows), ("10x", rows * 10)):
+    for label, n in (("1x", rows), ("10x", rows * 10)):
         corpora[label] = work / f"{name}_{label}"
         write_corpus(texts[:n], corpora[label], rows_per_file=args.rows_per_file)
     overrides = dict(precision="auto", max_tokens_per_batch=args.max_tokens, max_length=LONG_TOKENS,
                      rows_per_file=args.rows_per_file, block_rows=args.block_rows)
-    checked_job(corpora["warm"], model_dir, work / f"{name}_o0", gpus, **overrides)  # workers import torch etc. once
+    warm_up_workers(texts, model_dir, work / f"{name}_warm", min(rows, 5000), **overrides)
     small = checked_job(corpora["1x"], model_dir, work / f"{name}_o1", gpus, **overrides)
     with GpuSampler() as sampler:
         large = checked_job(corpora["10x"], model_dir, work / f"{name}_o2", gpus, **overrides)
@@ -163,44 +126,40 @@ def bench_model(name: str, model_dir: Path, model, tokenizer, texts: list[str], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=100_000, help="minilm: rows of the 1x job (the 10x job has 10 times more)")
-    parser.add_argument("--long-rows", type=int, default=30_000, help="bert_base: rows of the 1x job")
-    parser.add_argument("--forward-rows", type=int, default=20_000, help="rows of each bare forward measurement")
-    parser.add_argument("--rows-per-file", type=int, default=50_000)
-    parser.add_argument("--block-rows", type=int, default=ScoreConfig.block_rows, help="the job's block_rows")
-    parser.add_argument("--models", default="minilm,bert_base")
-    parser.add_argument("--budgets", default="16384,32768,65536,131072", help="token budgets for the bare forward sweep")
-    parser.add_argument("--max-tokens", type=int, default=0, help="the job's max_tokens_per_batch (0: its device default)")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/goemotions/train.parquet"))
-    parser.add_argument("--out", help="also write the JSON here, after each model")
-    parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (to check this script; figures mean nothing)")
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--rows", type=int, default=100_000, help="minilm: rows of the 1x job (the 10x job has 10 times more)")
+    cli.add_argument("--long-rows", type=int, default=30_000, help="bert_base: rows of the 1x job")
+    cli.add_argument("--forward-rows", type=int, default=20_000, help="rows of each bare forward measurement")
+    cli.add_argument("--rows-per-file", type=int, default=50_000)
+    cli.add_argument("--block-rows", type=int, default=ScoreConfig.model_fields["block_rows"].default, help="the job's block_rows")
+    cli.add_argument("--models", default="minilm,bert_base")
+    cli.add_argument("--budgets", default="16384,32768,65536,131072", help="token budgets for the bare forward sweep")
+    cli.add_argument("--max-tokens", type=int, default=0, help="the job's max_tokens_per_batch (0: its device default)")
+    cli.add_argument("--data", default=str(GOEMOTIONS / "train.parquet"))
+    cli.add_argument("--out", help="also write the JSON here, after each model")
+    cli.add_argument("--allow-cpu", action="store_true", help="run without a GPU (to check this script; figures mean nothing)")
+    args = cli.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",")]
     gpus = torch.cuda.device_count()
     if not gpus and not args.allow_cpu:
-        print(json.dumps({"skipped": "no CUDA device (use --allow-cpu to check the script on a CPU)"}))
+        skip("no CUDA device (use --allow-cpu to check the script on a CPU)")
         return
     base = corpus_texts(Path(args.data))
     if base is None:
         raise SystemExit(1)
 
-    import ray
     from transformers import AutoTokenizer
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as the jobs run (pipelines.runtime.init_ray)
-    encoder_dir = mtcls.default_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(mtcls.default_encoder_path()))
     work = Path(tempfile.mkdtemp(prefix="mtcls-gpu-bench-"))
-    results: dict = {"machine": {"gpus": [torch.cuda.get_device_name(i) for i in range(gpus)], "cpus": os.cpu_count(),
-                                 "torch": torch.__version__, "ray": ray.__version__}}
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    results: dict = {"machine": machine("gpus", "cpus", "torch", "ray")}
+    ray = start_ray(num_gpus=gpus)
     for name in args.models.split(","):
         if name == "minilm":
-            torch.manual_seed(0)
-            model, rows = mtcls.MultiTaskModel.from_encoder(encoder_dir, HEADS).eval(), args.rows
-            texts = (base * (rows * 10 // len(base) + 1))[: rows * 10]
+            model, rows = minilm_model(), args.rows
+            texts = repeat_to(base, rows * 10)
         elif name == "bert_base":
             model, rows = bert_base(tokenizer), args.long_rows
             texts = long_texts(base, tokenizer, rows * 10)
@@ -211,7 +170,7 @@ def main() -> None:
             results[name] = bench_model(name, model_dir, model, tokenizer, texts, rows, args, work, gpus)
         except Exception as exc:  # keep the other model's figures
             results[name] = {"failed": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps({name: results[name]}), flush=True)
+        print_json({name: results[name]}, indent=None)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
     ray.shutdown()
@@ -219,7 +178,7 @@ def main() -> None:
     results["targets_met"] = {"minilm >= 40,000 rows/s per GPU": per_gpu["minilm"] >= 40_000,
                               "bert_base >= 9,000 rows/s per GPU": per_gpu["bert_base"] >= 9_000}
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=2))
+    print_json(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -1,6 +1,6 @@
 """Heads-only rescoring (issue 13): a text run with embeddings, then the heads alone on its output, printed as JSON.
 
-    python benchmarks/rescoring.py [--data ../shared/data/goemotions/test.parquet] [--small-rows 1000] [--copies 40]
+    python -m benchmarks.rescoring [--data ../shared/data/goemotions/test.parquet] [--small-rows 1000] [--copies 40]
 
 Model: all-MiniLM-L6-v2 + the 3 heads of ``score_throughput.py`` (28- and 7-label multilabel,
 4-class), fp32, max 128 tokens; texts: the GoEmotions test split (5,427 rows).
@@ -18,33 +18,29 @@ Model: all-MiniLM-L6-v2 + the 3 heads of ``score_throughput.py`` (28- and 7-labe
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import mtcls  # noqa: E402
-from score_throughput import HEADS, bench_job, corpus_texts, save_model, steady, write_corpus  # noqa: E402
+import mtcls
+from benchmarks.harness import (
+    HEADS, TEST_SETS, bench_job, corpus_texts, machine, minilm_model, parser, print_json, save_model, start_ray, steady,
+    write_corpus
+)
 
 
 def parts(out: Path) -> list[Path]:
+    """The output files of a scoring output directory, in order."""
     return sorted(out.glob("part-*.parquet"))
 
 
 def bytes_per_row(out: Path) -> float:
+    """Parquet bytes per row over a scoring output's files."""
     files = parts(out)
     return sum(p.stat().st_size for p in files) / sum(pq.ParquetFile(p).metadata.num_rows for p in files)
 
@@ -63,6 +59,7 @@ def replicate(out: Path, target: Path, copies: int) -> int:
 
 
 def max_abs_diff(a: Path, b: Path) -> dict[str, float]:
+    """Per head, the largest difference of any probability between two outputs of the same rows (matched by id)."""
     ta, tb = (pq.read_table(x).sort_by("id") for x in (a, b))
     assert ta.column("id").equals(tb.column("id"))
     ok = np.asarray(ta.column("error").is_null()) & np.asarray(tb.column("error").is_null())
@@ -75,32 +72,29 @@ def max_abs_diff(a: Path, b: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/goemotions/test.parquet"))
-    parser.add_argument("--small-rows", type=int, default=1000, help="rows of the smaller text run")
-    parser.add_argument("--copies", type=int, default=40, help="the larger heads-only run reads the text output this many times")
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--data", default=str(TEST_SETS["goemotions"][0]))
+    cli.add_argument("--small-rows", type=int, default=1000, help="rows of the smaller text run")
+    cli.add_argument("--copies", type=int, default=40, help="the larger heads-only run reads the text output this many times")
+    args = cli.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    texts = corpus_texts(Path(args.data))
+    data = Path(args.data)
+    texts = corpus_texts(data)
     if texts is None:
         return
 
-    import ray
     from transformers import AutoTokenizer
 
-    encoder_dir = mtcls.default_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(mtcls.default_encoder_path()))
     work = Path(tempfile.mkdtemp(prefix="mtcls-rescoring-"))
-    torch.manual_seed(0)
-    model_dir = save_model(mtcls.MultiTaskModel.from_encoder(encoder_dir, HEADS).eval(), tokenizer, work / "minilm")
+    model_dir = save_model(minilm_model(), tokenizer, work / "minilm")
     write_corpus(texts[:args.small_rows], work / "small")
     write_corpus(texts, work / "full")
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray = start_ray()
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "ray": ray.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine("cpus", "processor", "torch", "ray", "cuda"),
         "corpus": f"{data.name}: {len(texts)} rows (and its first {args.small_rows}); MiniLM + 3 heads, fp32, max 128 tokens",
     }
     text_small = bench_job(work / "small", model_dir, work / "text_small", embeddings=True)
@@ -130,7 +124,7 @@ def main() -> None:
     }
     results["targets_met"] = {"ratio >= 20": results["ratio"] >= 20, "max_abs_diff <= 1e-4": max(diff.values()) <= 1e-4}
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=2))
+    print_json(results)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Fine-tuning quality on real data and training throughput, printed as JSON.
 
-    python benchmarks/train_quality.py --dataset olid        [key=value overrides for the train config]
-    python benchmarks/train_quality.py --dataset goemotions
+    python -m benchmarks.train_quality --dataset olid        [key=value overrides for the train config]
+    python -m benchmarks.train_quality --dataset goemotions
 
 Trains the packaged all-MiniLM-L6-v2 with ``jobs/configs/train/<dataset>.yaml`` through the real
 training job (Ray Train, one CPU worker here), evaluates the exported model on the dataset's test
@@ -12,17 +12,11 @@ one single-head model on the same rows for ``--baseline-steps`` steps, for train
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import ROOT, TEST_SETS, Timer, machine, parser, print_json, skip, start_ray, train_config
 
 TARGETS = {
     "olid": {"subtask_a": 0.75, "subtask_b": 0.60, "subtask_c": 0.50},
@@ -32,7 +26,6 @@ PUBLISHED = {
     "olid": {"subtask_a": 0.829, "subtask_b": 0.755, "subtask_c": 0.660, "source": "best OffensEval 2019 systems"},
     "goemotions": {"emotions": 0.46, "source": "BERT-base, GoEmotions paper"},
 }
-TEST = {"olid": "../shared/data/olid/test.parquet", "goemotions": "../shared/data/goemotions/test.parquet"}
 
 
 def baseline_throughput(cfg, steps: int, group_by_length: bool = False) -> float:
@@ -77,47 +70,45 @@ def baseline_throughput(cfg, steps: int, group_by_length: bool = False) -> float
                              use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
                              train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
-    start = time.perf_counter()
-    trainer.train()
-    return len(rows) / (time.perf_counter() - start)
+    with Timer() as timer:
+        trainer.train()
+    return len(rows) / timer.seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", choices=sorted(TARGETS), required=True)
-    parser.add_argument("--baseline-steps", type=int, default=100)
-    parser.add_argument("overrides", nargs="*", help="train config overrides, key=value")
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--dataset", choices=sorted(TARGETS), required=True)
+    cli.add_argument("--baseline-steps", type=int, default=100)
+    cli.add_argument("overrides", nargs="*", help="train config overrides, key=value")
+    args = cli.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.chdir(ROOT)
-    if not Path(TEST[args.dataset]).is_file():
-        print(json.dumps({"skipped": f"{TEST[args.dataset]} not found (needs ../shared/data)"}))
+    test = TEST_SETS[args.dataset][0]
+    if not test.is_file():
+        skip(f"{test} not found (needs ../shared/data)")
         return
 
-    import ray
     import torch
 
-    from pipelines.config import load_config
     from pipelines.evaluate import EvalConfig, run_evaluate
-    from pipelines.train import TrainConfig, run_train
+    from pipelines.train import run_train
 
     work = Path(tempfile.mkdtemp(prefix=f"mtcls-{args.dataset}-"))
-    cfg = load_config(TrainConfig, ROOT / f"jobs/configs/train/{args.dataset}.yaml",
-                      [f"output={work / 'model'}", f"storage_path={work / 'ray_train'}", *args.overrides])
-    ray.init(include_dashboard=False, log_to_driver=False)
-    start = time.time()
-    summary = run_train(cfg)
-    train_minutes = (time.time() - start) / 60
-    report = run_evaluate(EvalConfig(data=str(TEST[args.dataset]), model=str(work / "model"), output=str(work / "report"),
+    cfg = train_config(args.dataset, [f"output={work / 'model'}", f"storage_path={work / 'ray_train'}", *args.overrides])
+    ray = start_ray()
+    with Timer() as training:
+        summary = run_train(cfg)
+    train_minutes = training.seconds / 60
+    report = run_evaluate(EvalConfig(data=str(test), model=str(work / "model"), output=str(work / "report"),
                                      text_columns=cfg.text_columns, plots=False, progress=False))
     ray.shutdown()
     torch.set_num_threads(os.cpu_count() or 1)
     baseline = baseline_throughput(cfg, args.baseline_steps)
     baseline_grouped = baseline_throughput(cfg, args.baseline_steps, group_by_length=True)
     test_f1 = {h: r["macro_f1"] for h, r in report["heads"].items()}
-    print(json.dumps({
+    print_json({
         "dataset": args.dataset,
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__, "ray": ray.__version__},
+        "machine": machine("cpus", "processor", "torch", "ray"),
         "config": {k: v for k, v in cfg.model_dump().items() if k not in ("output", "storage_path")},
         "train_minutes": train_minutes,
         "best_epoch": summary["best_epoch"],
@@ -133,7 +124,7 @@ def main() -> None:
         "throughput_ratio_vs_single_head_trainer": summary["train_examples_per_s"] / baseline,
         "hf_trainer_single_head_group_by_length_examples_per_s": baseline_grouped,
         "throughput_ratio_vs_single_head_trainer_group_by_length": summary["train_examples_per_s"] / baseline_grouped,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pipelines.runtime import parse_job_args, run_job, setup_logging
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Train, score and evaluate on the embedded demo corpus", DemoConfig)
     cfg = load_config(DemoConfig, config_path, overrides)
-    setup_logging()
+    setup_logging(cfg.verbose)
     summary = run_demo(cfg)
     print(json.dumps(summary, indent=2))
     return summary

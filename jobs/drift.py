@@ -23,7 +23,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args[0] = f"root={args[0]}"  # python -m jobs.drift <scores root>
     config_path, overrides = parse_job_args(args, "Prediction mix and drift over scoring partitions", DriftConfig)
     cfg = load_config(DriftConfig, config_path, overrides)
-    setup_logging()
+    setup_logging(cfg.verbose)
     summary = run_drift(cfg)
     print(json.dumps(summary, indent=2))
     return summary

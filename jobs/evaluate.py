@@ -11,22 +11,20 @@ report.md and one ``<head>_confusion.png`` per head to ``output``.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Optional, Sequence
 
 from pipelines.config import load_config
+from pipelines.demo.defaults import with_embedded_defaults
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.runtime import parse_job_args, run_job, setup_logging
-
-log = logging.getLogger("jobs.evaluate")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Evaluate a multi-head classifier per head", EvalConfig)
     cfg = load_config(EvalConfig, config_path, overrides)
-    setup_logging()
+    setup_logging(cfg.verbose)
     if not cfg.predictions:
-        cfg = _with_embedded_defaults(cfg)
+        cfg = with_embedded_defaults(cfg, "data")
     report = run_evaluate(cfg)
     print(json.dumps({
         "report": cfg.output,
@@ -36,22 +34,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         **({"join": report["join"]} if "join" in report else {}),
     }, indent=2))
     return report
-
-
-def _with_embedded_defaults(cfg: EvalConfig) -> EvalConfig:
-    """Empty ``data`` is the embedded demo corpus's test split; an empty ``model`` the embedded default model."""
-    if cfg.data and cfg.model:
-        return cfg
-    from pipelines.demo.corpus import default_corpus_dir
-    from pipelines.demo.default_model import default_model_dir
-
-    update = {}
-    if not cfg.data:
-        update["data"] = str(default_corpus_dir() / "test.parquet")
-        log.info("no data given: evaluating on the embedded demo corpus %s", update["data"])
-    if not cfg.model:
-        update["model"] = str(default_model_dir())
-    return cfg.model_copy(update=update)
 
 
 if __name__ == "__main__":

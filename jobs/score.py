@@ -4,6 +4,7 @@
     python -m jobs.score --config jobs/configs/score/goemotions.yaml model=/path/to/model
     ray job submit --working-dir . -- python -m jobs.score input=s3://bucket/corpus/ output=s3://bucket/scores/ model=s3://bucket/model/
     python -m jobs.score ... fail_on_drift=true          # exit status 3 (after _SUCCESS) when a head drifted
+    python -m jobs.score ... plan=true                   # dry run: inputs, pending rows, resources, estimated time
 
 Keys: ``python -m jobs.score --help`` (from ``pipelines.score.ScoreConfig``).
 """
@@ -11,23 +12,24 @@ Keys: ``python -m jobs.score --help`` (from ``pipelines.score.ScoreConfig``).
 from __future__ import annotations
 
 import json
-import logging
 from typing import Optional, Sequence
 
 from pipelines.config import load_config
+from pipelines.demo.defaults import with_embedded_defaults
 from pipelines.runtime import parse_job_args, run_job, setup_logging
 from pipelines.score import ScoreConfig, run_score
 from pipelines.score.drift import raise_on_drift
-
-log = logging.getLogger("jobs.score")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Score Parquet text with a multi-head classifier", ScoreConfig)
     cfg = load_config(ScoreConfig, config_path, overrides)
-    setup_logging()
-    cfg = _with_embedded_defaults(cfg)
+    setup_logging(cfg.verbose)
+    cfg = with_embedded_defaults(cfg, "input")
     manifest = run_score(cfg)
+    if cfg.plan:  # a dry run: the plan, nothing written
+        print(json.dumps(manifest, indent=2))
+        return manifest
     rate = manifest.get("rows_per_s_this_run")
     keys = ("rows_in", "rows_out", "rows_error", "rows_truncated", "rows_scored_this_run")
     print(json.dumps({"output": cfg.output, **{k: manifest[k] for k in keys},
@@ -37,22 +39,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if cfg.fail_on_drift:
         raise_on_drift(manifest["drift"], cfg.output)  # after _SUCCESS: exit status 3
     return manifest
-
-
-def _with_embedded_defaults(cfg: ScoreConfig) -> ScoreConfig:
-    """An empty ``input`` is the embedded demo corpus; an empty ``model`` the embedded default model (built on first use)."""
-    if cfg.input and cfg.model:
-        return cfg
-    from pipelines.demo.corpus import default_corpus_dir
-    from pipelines.demo.default_model import default_model_dir
-
-    update = {}
-    if not cfg.input:
-        update["input"] = str(default_corpus_dir() / "test.parquet")
-        log.info("no input given: scoring the embedded demo corpus %s", update["input"])
-    if not cfg.model:
-        update["model"] = str(default_model_dir())
-    return cfg.model_copy(update=update)
 
 
 if __name__ == "__main__":

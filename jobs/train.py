@@ -20,7 +20,7 @@ from pipelines.train import TrainConfig, run_train
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Fine-tune a multi-head classifier on Ray Train", TrainConfig)
     cfg = load_config(TrainConfig, config_path, overrides)
-    setup_logging()
+    setup_logging(cfg.verbose)
     summary = run_train(cfg)
     print(json.dumps({
         "model": cfg.output,

@@ -269,7 +269,8 @@ class InferenceEngine:
         return shapes
 
     @torch.inference_mode()
-    def predict_tokens(self, tokens: Union[Tokens, Sequence[Sequence[int]]], with_pooled: bool = False) -> dict[str, np.ndarray]:
+    def predict_tokens(self, tokens: Union[Tokens, Sequence[Sequence[int]]], with_pooled: bool = False,
+                       batches: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
         """Runs every head on pre-tokenized rows; results come back in input order.
 
         On a GPU, host tensors are pinned and copied without blocking, and a batch's results are
@@ -279,6 +280,10 @@ class InferenceEngine:
             tokens: The rows' token ids.
             with_pooled: Also return the pooled encoder features the heads saw (the int8 encoder's
                 under ``int8``), under the key :data:`POOLED`.
+            batches: The rows of each forward pass (index arrays covering every row once), in
+                place of the engine's token-budget batches of length-sorted rows; padding and row
+                order change results in the last float bits, so a caller comparing with earlier
+                runs can fix them.
 
         Returns:
             ``{head: probabilities}`` float32 arrays, calibrated by each head's ``temperature``
@@ -298,7 +303,7 @@ class InferenceEngine:
         dtype = self.precision.autocast_dtype
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         pending: Optional[tuple[np.ndarray, dict[str, torch.Tensor]]] = None
-        for idx in token_budget_batches(tokens.lengths, self.max_tokens):
+        for idx in token_budget_batches(tokens.lengths, self.max_tokens) if batches is None else batches:
             ids, mask = tokens.padded(idx, self.pad_id)
             if cuda:
                 ids, mask = ids.pin_memory(), mask.pin_memory()

@@ -18,6 +18,7 @@ only the failing rows get an error.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -76,15 +77,31 @@ class Predictions:
         rows: Their positions in the block.
         probs: ``{head: probabilities}`` of those rows, in order (NaN where ``failures`` says so).
         failures: Per row, why its forward pass failed (None: it has predictions).
+        tokens: Token ids of those rows (0: heads only).
+        padded_tokens: Token slots of the forward batches, padding included.
     """
 
     rows: np.ndarray
     probs: dict[str, np.ndarray]
     failures: list[Optional[str]]
+    tokens: int = 0
+    padded_tokens: int = 0
 
     @property
     def good(self) -> np.ndarray:
         return np.fromiter((f is None for f in self.failures), dtype=bool, count=len(self.failures))
+
+
+@dataclass
+class _CountedTokens(Tokens):
+    """:class:`Tokens` that add up the padded size of each forward batch the engine cuts from them."""
+
+    slots: int = 0
+
+    def padded(self, index: np.ndarray, pad_id: int) -> Any:
+        ids, mask = super().padded(index, pad_id)
+        self.slots += int(ids.numel())
+        return ids, mask
 
 
 class TokenIds:
@@ -93,8 +110,10 @@ class TokenIds:
     engine_defaults: dict[str, Any] = {}
 
     def predict(self, engine: InferenceEngine, batch: pa.Table, rows: np.ndarray, with_pooled: bool) -> Predictions:
-        probs, failures = predict_with_retry(engine, read_tokens(batch.column(IDS), rows), with_pooled=with_pooled)
-        return Predictions(rows, probs, failures)
+        tokens = read_tokens(batch.column(IDS), rows)
+        counted = _CountedTokens(tokens.ids, tokens.offsets, tokens.truncated)
+        probs, failures = predict_with_retry(engine, counted, with_pooled=with_pooled)
+        return Predictions(rows, probs, failures, tokens=int(tokens.offsets[-1]), padded_tokens=counted.slots)
 
 
 class PooledVectors:
@@ -214,12 +233,17 @@ class InferenceActor:
         files_ref: ``[ray.put(model files)]``; the model is loaded once per actor.
         inputs: ``"tokens"`` (:class:`TokenIds`) or ``"pooled"`` (:class:`PooledVectors`).
         output: What to build from the predictions (:class:`ScoredColumns` or :class:`PooledFeatures`).
+        metrics: Record per-block metrics: :class:`pipelines.metrics.ScoringBlockMetrics` arguments
+            (``tags``, ``stats``); None: none.
         **engine_kwargs: :meth:`mtcls.InferenceEngine.load` arguments (``torch_threads``,
             ``precision``, ``max_length``, ``heads``, ...), over the input's defaults.
     """
 
-    def __init__(self, files_ref: list, inputs: str, output: Union[ScoredColumns, PooledFeatures], **engine_kwargs: Any) -> None:
+    def __init__(self, files_ref: list, inputs: str, output: Union[ScoredColumns, PooledFeatures],
+                 metrics: Optional[dict[str, Any]] = None, **engine_kwargs: Any) -> None:
         import ray
+
+        from pipelines.metrics import ScoringBlockMetrics
 
         self.input = INPUTS[inputs]()
         kwargs = {**self.input.engine_defaults, **engine_kwargs}
@@ -230,8 +254,10 @@ class InferenceActor:
         reason = HEADS_ONLY_REASON if inputs == "pooled" else precision.reason
         gpus = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         self.precision = {"name": precision.name, "reason": reason, "torch": self.engine.device.type, "ray_gpu_ids": gpus}
+        self.metrics = ScoringBlockMetrics(**metrics) if metrics is not None else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         errors = batch.column(ERROR_COLUMN) if ERROR_COLUMN in batch.column_names else pa.nulls(batch.num_rows, pa.string())
         if isinstance(errors, pa.ChunkedArray):
             errors = errors.combine_chunks()
@@ -243,4 +269,9 @@ class InferenceActor:
             for i, failure in zip(rows[~good], [f for f in pred.failures if f is not None]):
                 messages[i] = failure
             errors = pa.array(messages, pa.string())
-        return self.output.build(self.engine, batch, pred, errors, self.precision)
+        out = self.output.build(self.engine, batch, pred, errors, self.precision)
+        if self.metrics is not None:  # a few numbers per block, never per row
+            scored = int(good.sum())
+            self.metrics.record(time.perf_counter() - started, scored, batch.num_rows - scored, pred.tokens, pred.padded_tokens,
+                                {name: pred.probs[name][good] for name in self.engine.specs}, self.engine.device)
+        return out

@@ -18,7 +18,7 @@ from mtcls import InferenceEngine, MultiTaskModel, Tokens, join_texts
 from mtcls.quantize import INT8_FILE, cached_int8, int8_file_problem
 from pipelines.artifacts import read_model_files
 from pipelines.config import ConfigError
-from pipelines.storage import InputError, redact_uri
+from pipelines.storage import InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def shipped_model_files(model_dir: Path, precision: str) -> dict[str, bytes]:
     if INT8_FILE in files:
         problem = int8_file_problem(files[INT8_FILE], model)
         if problem:
-            raise InputError(f"{redact_uri(str(Path(model_dir) / INT8_FILE))}: the model directory's quantized encoder {problem}; "
+            raise InputError(f"{Path(model_dir) / INT8_FILE}: the model directory's quantized encoder {problem}; "
                              f"delete {INT8_FILE} from the model directory (precision=int8 then exports it from the model), "
                              "or export it again from this model with mtcls.quantize.export_int8")
         return files

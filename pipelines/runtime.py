@@ -37,20 +37,173 @@ def parse_job_args(
     return args.config, list(args.overrides)
 
 
-def setup_logging() -> None:
+#: Set by :func:`setup_logging`; read by :func:`init_ray` and passed to Ray's workers.
+VERBOSE_ENV = "MTCLS_VERBOSE"
+#: Ray Data's logging config (its default, console at WARNING) for the workers to write and use.
+_RAY_DATA_CONFIG_ENV = "MTCLS_RAY_DATA_LOGGING"
+_RAY_DATA_LOGGING = "RAY_DATA_LOGGING_CONFIG"
+
+
+def is_verbose() -> bool:
+    """Whether this process shows Ray's progress bars and INFO logs (``verbose=true`` of the job)."""
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def setup_logging(verbose: Optional[bool] = None) -> None:
+    """Logging of a job's process: the project's INFO lines, and Ray's console output per ``verbose``.
+
+    Quiet (``verbose=False``, the jobs' default): Ray Data's and Ray Train's INFO lines, progress
+    bars and execution plans, transformers' progress bars and Ray's own deprecation warnings stay
+    off the console. Ray's log files (``/tmp/ray/session_latest/logs``: ``ray-data*.log``,
+    ``train/ray-train-sys-*.log``, the worker and core-worker logs) keep everything either way.
+
+    Args:
+        verbose: Show Ray's progress bars and INFO logs; None keeps what the process was started
+            with (a Ray worker: its job's setting).
+    """
+    if verbose is not None:
+        os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     logging.basicConfig(level=os.environ.get("MTCLS_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not is_verbose():
+        _quiet_process()
 
 
-def init_ray() -> None:
-    """Connects to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or starts a local Ray."""
+def init_ray(verbose: Optional[bool] = None) -> None:
+    """Connects to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or starts a local Ray.
+
+    Logs one line: the cluster's address, CPUs and GPUs, and the dashboard. Every worker of the job
+    runs :func:`worker_setup` first (quiet output unless ``verbose``).
+
+    Args:
+        verbose: Ray's INFO logs and progress bars on the console; None: as :func:`setup_logging` set it.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    if verbose is not None:
+        os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    loud = is_verbose()
+    if not loud:
+        _quiet_process()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or None
+    context = ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if loud else logging.WARNING,
+                       runtime_env=_runtime_env(loud))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = loud
+    resources = ray.cluster_resources()
+    dashboard = getattr(context, "dashboard_url", None)
+    logging.getLogger(__name__).info(
+        "ray: %s %s, %g CPUs, %g GPUs%s", "connected to" if address else "started a local cluster at",
+        ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0),
+        f", dashboard http://{dashboard}" if dashboard else "")
+
+
+def ray_train_logging() -> Any:
+    """Ray Train's ``LoggingConfig`` for the run: its INFO lines on the console only when verbose
+    (its system log files keep every level either way)."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
+
+
+def worker_setup() -> None:
+    """Ray's ``worker_process_setup_hook`` of every job: runs in each worker process before its first task.
+
+    Pins ``RAY_ADDRESS`` to this cluster (Ray Train's placement-group cleaner otherwise fails to
+    find it when two Ray instances run on one host) and, unless the job is verbose, quiets the
+    console as :func:`setup_logging` does. Never raises: a failing hook would fail the worker.
+    """
+    try:
+        import ray
+
+        if ray.is_initialized():
+            os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001
+        pass
+    if is_verbose():
+        return
+    try:
+        _quiet_process(build=False)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _runtime_env(loud: bool) -> dict[str, Any]:
+    """The job's runtime env: :func:`worker_setup` and what it needs (none if the submitted job has its own hook)."""
+    import json
+
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    if submitted.get("worker_process_setup_hook"):
+        logging.getLogger(__name__).warning("the submitted job has its own worker_process_setup_hook: Ray's workers "
+                                            "are not quieted (see README, \"Console output\")")
+        return {}
+    env = {VERBOSE_ENV: "1" if loud else "0"}
+    if os.environ.get(_RAY_DATA_CONFIG_ENV):
+        env[_RAY_DATA_CONFIG_ENV] = os.environ[_RAY_DATA_CONFIG_ENV]
+    return {"worker_process_setup_hook": f"{__name__}.worker_setup", "env_vars": env}
+
+
+def _quiet_process(build: bool = True) -> None:
+    """Keeps Ray's and transformers' chatter off this process's console (their log files keep it).
+
+    Args:
+        build: Build Ray Data's quiet logging config if no one passed it (the driver; a worker uses the driver's).
+    """
+    import warnings
+
+    # Deprecations inside Ray's own code (e.g. Ray Train passing a deprecated Ray Data option):
+    # nothing a user of this project can change.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    _quiet_ray_data(build)
+
+
+def _quiet_ray_data(build: bool) -> None:
+    """Points ``RAY_DATA_LOGGING_CONFIG`` at Ray Data's default config with the console handler at
+    WARNING (its file handler keeps DEBUG), unless the user set their own.
+
+    Ray Data re-reads that config whenever a worker starts on a dataset, so changing handler levels
+    in place would not last; a config file does. The driver builds it from Ray Data's default and
+    hands its text to the workers (:data:`_RAY_DATA_CONFIG_ENV`), which write it to their node.
+    """
+    import hashlib
+    import tempfile
+
+    if os.environ.get(_RAY_DATA_LOGGING) and not os.environ.get(_RAY_DATA_CONFIG_ENV):
+        return  # the user's own config
+    text = os.environ.get(_RAY_DATA_CONFIG_ENV)
+    if not text and not build:
+        return
+    if not text:
+        import copy
+
+        import yaml
+        from ray.data._internal import logging as data_logging
+
+        config = copy.deepcopy(data_logging.DEFAULT_CONFIG)
+        config["handlers"]["console"]["level"] = "WARNING"
+        text = yaml.safe_dump(config)
+        os.environ[_RAY_DATA_CONFIG_ENV] = text
+    path = os.path.join(tempfile.gettempdir(), f"mtcls-ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    os.environ[_RAY_DATA_LOGGING] = path
+    if "ray.data" in sys.modules:  # already configured from the default: configure again
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
 
 
 class JobAlert(RuntimeError):

@@ -212,20 +212,14 @@ def test_jobs_never_import_each_other():
     assert not chains, "a job imports another job:\n" + _describe(chains)
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines.demo <-> pipelines.evaluate and pipelines.train: demo runs both, and "
-                                       "evaluate.run and train.run fall back to the demo corpus and default model")
+@pytest.mark.xfail(strict=True, reason="pipelines.demo <-> pipelines.train: pipelines.demo.default_model trains with "
+                                       "pipelines.train, and pipelines.train.run falls back to the demo corpus")
 def test_no_import_cycle_between_pipelines_subpackages():
     found = cycles(graph(EDGES, pipelines_package))
     assert not found, "import cycles between pipelines subpackages:\n" + _describe_cycles(found)
 
 
-@pytest.mark.parametrize("package", [
-    "pipelines.score",
-    pytest.param("pipelines.evaluate", marks=pytest.mark.xfail(
-        strict=True, reason="pipelines.evaluate.run resolves the demo's default model (pipelines.demo.default_model)")),
-    "pipelines.drift",
-    "pipelines.sink",
-])
+@pytest.mark.parametrize("package", ["pipelines.score", "pipelines.evaluate", "pipelines.drift", "pipelines.sink"])
 def test_scoring_and_evaluation_never_import_training(package):
     g = graph(EDGES)
     chains = [chain for module in sorted(MODULES) if _in(module, package)

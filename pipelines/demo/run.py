@@ -24,11 +24,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.output).resolve()
     corpus = default_corpus_dir(cfg.rows)
     train = run_train(default_train_config(str(out / "model"), rows=cfg.rows, epochs=cfg.epochs,
-                                           storage_path=str(out / "ray_train")))
+                                           storage_path=str(out / "ray_train"), verbose=cfg.verbose))
     manifest = run_score(ScoreConfig(input=str(corpus / "test.parquet"), output=str(out / "predictions"),
-                                     model=str(out / "model"), overwrite=True, progress=cfg.progress))
+                                     model=str(out / "model"), overwrite=True, progress=cfg.progress,
+                                     verbose=cfg.verbose))
     report = run_evaluate(EvalConfig(predictions=str(out / "predictions"), labels=str(corpus / "test.parquet"),
-                                     output=str(out / "report"), progress=cfg.progress))
+                                     output=str(out / "report"), progress=cfg.progress, verbose=cfg.verbose))
     return {
         "model": str(out / "model"),
         "predictions": str(out / "predictions"),

@@ -24,6 +24,8 @@ class DriftConfig(JobConfig):
         "Read partitions whose scoring output is not complete (no `_SUCCESS`, or a manifest whose "
         "status is incomplete) instead of failing; partitions without a manifest are skipped. "
         "Either is logged as a warning and listed in `drift_summary.json` (`incomplete_partitions`)."))
+    verbose: bool = Field(False, description=(
+        "Show the INFO logs of the libraries it uses on the console (see [Console output](#console-output))."))
 
     @field_validator("partition_key")
     @classmethod

@@ -47,7 +47,11 @@ class EvalConfig(JobConfig):
     threshold_bins: int = Field(DEFAULT_BINS, ge=1, description="Resolution of threshold tuning (bins over [0, 1]).")
     save_tuned_model: str = Field("", description="If set, write a copy of the model with the tuned thresholds here.")
     plots: bool = Field(True, description="Write the confusion-matrix and reliability-diagram PNGs.")
-    progress: bool = Field(True, description="Ray Data progress bars.")
+    progress: bool = Field(True, description=(
+        "Ray Data's progress bars, shown only with `verbose=true` (`false` hides them then too)."))
+    verbose: bool = Field(False, description=(
+        "Show Ray's progress bars and INFO logs on the console; Ray's log files keep everything either "
+        "way (see [Console output](#console-output))."))
 
     @field_validator("output")
     @classmethod

@@ -158,7 +158,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model_files = shipped_model_files(model_dir, cfg.precision)
 
     init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress and cfg.verbose
     if cfg.predictions:
         totals, details = evaluate_predictions(cfg, specs)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Literal, get_args
 
@@ -15,6 +16,9 @@ EmbeddingDtype = Literal["float32", "float16"]
 
 #: Allowed ``embedding_dtype`` values, as a tuple.
 EMBEDDING_DTYPES: tuple[str, ...] = get_args(EmbeddingDtype)
+
+OutputFormat = Literal["parquet", "delta"]
+"""Allowed ``output_format`` values."""
 
 
 class ScoreConfig(JobConfig):
@@ -76,13 +80,38 @@ class ScoreConfig(JobConfig):
         "Seconds: a job holding the output that has not renewed its lease for this long is considered "
         "dead and its lock is taken over (the lease is renewed every `min(15, lock_timeout_s / 4)` "
         "seconds). A holder on the same host whose process is gone is taken over at once."))
+    output_format: OutputFormat = Field("parquet", description=(
+        "`parquet`: a directory of Parquet files with `_manifest.json` and `_SUCCESS`. `delta`: a Delta "
+        "Lake table at `output`, each row committed once through the table's log (needs the `delta` "
+        "extra; see [Delta Lake output](#delta-lake-output))."))
+    lock: bool = Field(True, description=(
+        "Hold a lease on the output while the job runs (one writer at a time; see `lock_timeout_s`). "
+        "`false` needs `output_format=delta`: no lease, and jobs writing one table at the same time "
+        "still commit each input row once."))
+    commit_every_files: int = Field(20, ge=1, description=(
+        "`output_format=delta`: the driver commits the files written since its last commit, as one "
+        "table version, every this many files or every `commit_every_s` seconds, whichever comes "
+        "first, and at the end."))
+    commit_every_s: float = Field(30.0, gt=0, allow_inf_nan=False, description=(
+        "`output_format=delta`: the longest a written file waits for its commit, in seconds (see "
+        "`commit_every_files`)."))
     overwrite: bool = Field(False, description=(
         "Delete the existing output first (otherwise a rerun resumes). Never touches the input: an "
         "output on, above or inside the input is refused."))
     prune_missing: bool = Field(False, description=(
         "Remove the committed rows of input files that the input no longer lists. Without it such a "
         "rerun is refused before any work, naming those files."))
-    progress: bool = Field(True, description="Show Ray Data progress bars.")
+    progress: bool = Field(True, description=(
+        "Ray Data's progress bars, shown only with `verbose=true` (`false` hides them then too). The "
+        "job's own progress line is always shown."))
+    verbose: bool = Field(False, description=(
+        "Show Ray's progress bars and INFO logs on the console (Ray Data's execution plans, Ray's "
+        "start-up lines). Off: only the job's start summary, progress line and summary, and warnings; "
+        "Ray's log files keep everything either way (see [Console output](#console-output))."))
+    plan: bool = Field(False, description=(
+        "Dry run: list the inputs, rows, units, rows already committed and pending, the resource plan "
+        "and an estimated time from a short forward pass in the driver; then exit 0 without writing "
+        "anything (no lease is taken; see [Dry run](#dry-run-plantrue))."))
     profile: bool = Field(True, description=(
         "Record each head's prediction profile (prediction mix, score histogram) per output file, "
         "merged into the manifest's `profile`, and compare it with the model's reference profile "
@@ -132,6 +161,15 @@ class ScoreConfig(JobConfig):
         if self.from_embeddings and self.num_gpus_per_actor > 0:
             raise ConfigError("key 'num_gpus_per_actor': from_embeddings runs only the heads, on CPU actors; use 0 or -1")
         check_inference_precision(self)
+        if self.output_format == "delta":
+            if importlib.util.find_spec("deltalake") is None:
+                raise ConfigError("key 'output_format': delta needs the deltalake package: pip install 'mtcls[delta]'")
+            if self.embeddings and self.embedding_dtype == "float16":
+                raise ConfigError("key 'embedding_dtype': a Delta Lake table has no float16 type; use float32 with "
+                                  "output_format=delta")
+        elif not self.lock:
+            raise ConfigError("key 'lock': lock=false needs output_format=delta (a Parquet directory relies on the "
+                              "lease for one writer at a time)")
         if self.fail_on_drift and not self.profile:
             raise ConfigError("key 'fail_on_drift': needs profile=true (drift is measured on the prediction profile)")
         # from_embeddings reads no text: text_columns are not used, and may be passed through.

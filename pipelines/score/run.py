@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mtcls import MultiTaskConfig, MultiTaskModel, encoder_identity, text_separator
 from mtcls.profile import load_reference
@@ -28,14 +29,17 @@ from pipelines.artifacts import localize_model, model_identity
 from pipelines.blocks import PRECISION, PRECISION_TYPE, ROW, UNIT
 from pipelines.config import ConfigError, config_to_dict
 from pipelines.inference import shipped_model_files
+from pipelines.metrics import CommitMetrics, score_tags, scoring_stats_summary, start_scoring_stats
+from pipelines.progress import Progress
 from pipelines.resources import ScoringPlan, plan_scoring
 from pipelines.runtime import init_ray
 from pipelines.score.config import ScoreConfig
 from pipelines.score.drift import drift_section, profile_section
 from pipelines.score.heads_only import EmbeddingSource, check_embedding_input, read_embeddings
 from pipelines.score.stages import read_and_tokenize
-from pipelines.sink.base import Verification
-from pipelines.sink.parquet import ParquetSink, check_layout
+from pipelines.sink import make_sink
+from pipelines.sink.base import Sink, Verification
+from pipelines.sink.parquet import check_layout
 from pipelines.sink.paths import check_apart
 from pipelines.sink.records import checksum_file, id_type_ok
 from pipelines.sink.schema import embedding_type, output_schema, selected_heads
@@ -82,21 +86,25 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     if not cfg.input or not cfg.model:
         raise ConfigError(f"key '{'input' if not cfg.input else 'model'}': run_score needs it (jobs.score fills in the embedded default)")
     plan = _plan(cfg)
-    sink = ParquetSink(locate(cfg.output), lock_timeout_s=cfg.lock_timeout_s, prune_missing=cfg.prune_missing,
-                       owner={"job": "score"})
-    with sink.open(cfg.overwrite):
+    sink = make_sink(cfg, plan.schema)  # output_format: a Parquet directory or a Delta table
+    if cfg.plan:  # a dry run: reads the output's commit records, takes no lease, writes nothing
+        from pipelines.score.dry_run import dry_run
+
+        return dry_run(cfg, plan, sink)
+    with sink.open(cfg.overwrite, plan.inputs):
         resume = sink.resume(plan.units, plan.inputs)
         check_layout(resume.kept, plan.schema, sink.loc.uri())
         pending = [u for u in plan.units if u.pending_rows]
         if resume.stale or pending:
             sink.mark_incomplete()  # incomplete until the new rows are in
-        init_ray()
+        init_ray(cfg.verbose)
         import ray
 
         timings = {"setup_s": time.time() - started}
         score_started = time.time()
         resources = plan_scoring(cfg, ray.cluster_resources())
-        scored, used = _score_units(cfg, resources, plan, pending, sink) if pending else (0, {})
+        log_start(cfg, plan, pending, resources)
+        scored, used, metrics = _score_units(cfg, resources, plan, pending, sink) if pending else (0, {}, {})
         timings["scoring_s"] = time.time() - score_started
         verification = sink.verify(plan.inputs, _checksum_fanout(cfg.id_column))
         timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
@@ -104,6 +112,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         manifest = _manifest(cfg, plan, verification, scored, timings, resume.stale)
         manifest["resources"] = vars(resources)
         manifest["precision"] = {"requested": cfg.precision, "used_this_run": used}
+        manifest["metrics"] = metrics  # this run's figures, as sent to the Ray metrics (pipelines.metrics)
         heads = output_heads(plan.model_config, plan.schema)
         # Scores are the heads' probabilities of logits / temperature (mtcls.calibration); none: uncalibrated.
         manifest["calibration"] = {s.name: s.temperature for s in heads if s.temperature is not None}
@@ -151,20 +160,19 @@ def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
     return [h for h in model_config.head_specs() if f"{h.name}_probs" in schema.names]
 
 
-def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit], sink: ParquetSink) -> tuple[int, dict[str, str]]:
+def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit], sink: Sink) -> tuple[int, dict[str, str]]:
     """The streaming execution.
 
     Returns:
-        The rows committed by this run and ``{precision: why}`` as the actors reported them.
+        The rows committed by this run, ``{precision: why}`` as the actors reported them, and the
+        run's metrics summary (:mod:`pipelines.metrics`).
     """
     import ray
     import ray.data
     from transformers import AutoTokenizer
 
-    log.info("%d of %d units to score (%d rows); plan: %s", len(pending), len(plan.units),
-             sum(u.pending_rows for u in pending), resources)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
+    ctx.enable_progress_bars = cfg.progress and cfg.verbose
     ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
     ctx.raise_original_map_exception = True  # a stage's InputError (heads only: a vector's width) stays one
 
@@ -196,9 +204,12 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
         )
         inputs = "tokens"
         engine.update(max_length=plan.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision)
+    tags = score_tags("score", redact_uri(cfg.output))
+    stats = start_scoring_stats()
     ds = ds.map_batches(
         InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], inputs=inputs, output=ScoredColumns(carried), **engine),
+        fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], inputs=inputs, output=ScoredColumns(carried),
+                                   metrics=dict(tags=tags, stats=stats), **engine),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.num_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
     )
@@ -207,19 +218,31 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     ds = ds.map_batches(write, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=resources.cpu_stage_cpus,
                         fn_kwargs=write_kwargs)
     total = sum(u.pending_rows for u in pending)
-    done, started, last, used = 0, time.time(), time.time(), {}
+    done, used = 0, {}
+    progress = Progress("score", total, unit="rows", errors="error rows", every_s=PROGRESS_EVERY_S, logger=log)
+    committed = CommitMetrics(tags, total)
     for batch in sink.iter_commits(_unwrap_input_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"))):
-        done += int(sum(batch.column("rows").to_pylist()))
+        rows = int(pc.sum(batch.column("rows")).as_py() or 0)
+        errors = int(pc.sum(batch.column("errors")).as_py() or 0) if "errors" in batch.column_names else 0
+        done += rows
         for entries in batch.column("precision").to_pylist():
             used.update({p["name"]: p["reason"] for p in entries})
-        if time.time() - last >= PROGRESS_EVERY_S:
-            last = time.time()
-            rate = done / max(last - started, 1e-9)
-            log.info("committed %d of %d rows (%.0f%%), %.0f rows/s, about %.0f s left", done, total,
-                     100 * done / max(total, 1), rate, (total - done) / max(rate, 1e-9))
+        progress.advance(rows, errors=errors)  # per committed batch of files: no per-row work
+        committed.record(rows, errors, batch.num_rows, progress.rates()[0])
+    progress.close()
     if log.isEnabledFor(logging.DEBUG):
         log.debug("Ray Data stage statistics:\n%s", ds.stats())
-    return done, used
+    return done, used, {**committed.summary(), **scoring_stats_summary(stats, expect_rows=done)}
+
+
+def log_start(cfg: ScoreConfig, plan: _Plan, pending: list[Unit], resources: ScoringPlan) -> None:
+    """The job's start summary: inputs, rows, pending rows, the resource plan, the output (one line)."""
+    rows = sum(f.rows for f in plan.inputs.values())
+    left = sum(u.pending_rows for u in pending)
+    log.info("score %s (%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
+             "%d torch threads each, precision %s", redact_uri(cfg.input), len(plan.inputs), rows, redact_uri(cfg.output),
+             left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
+             resources.torch_threads, cfg.precision)
 
 
 def _embedding_source(cfg: ScoreConfig, in_loc: Any, files: list[str], model_dir: Any, model_config: MultiTaskConfig) -> EmbeddingSource:

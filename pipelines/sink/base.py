@@ -89,8 +89,9 @@ class Sink(abc.ABC):
     """An exactly-once output."""
 
     @abc.abstractmethod
-    def open(self, overwrite: bool) -> contextlib.AbstractContextManager:
-        """Checks the output is this job's to write, takes its lease and prepares it (a context)."""
+    def open(self, overwrite: bool, inputs: dict[str, InputFile] | None = None) -> contextlib.AbstractContextManager:
+        """Checks the output is this job's to write (given ``inputs``, also that it holds no rows of
+        inputs no longer listed), takes its lease and prepares it (a context)."""
 
     @abc.abstractmethod
     def resume(self, units: list[Unit], inputs: dict[str, InputFile]) -> Resume:
@@ -118,3 +119,43 @@ class Sink(abc.ABC):
         for batch in batches:
             self.commit(batch)
             yield batch
+
+
+def missing_inputs(files: list[Committed], inputs: dict[str, InputFile], prune_missing: bool, uri: str) -> list[str]:
+    """The input files that committed files hold rows of but the input no longer lists.
+
+    Args:
+        files: The committed files (or records) of the output.
+        inputs: The input files by path.
+        prune_missing: Whether such rows may be removed (otherwise they are refused).
+        uri: The output, for the message.
+
+    Raises:
+        InputError: Naming those input files and the keys that remove their rows, unless ``prune_missing``.
+    """
+    from pipelines.storage import InputError, redact_uri
+
+    listed = {f.uri for f in inputs.values()}
+    missing = sorted({f.commit["input"] for f in files if f.commit["input"] not in listed})
+    if missing and not prune_missing:
+        rows = sum(f.rows for f in files if f.commit["input"] not in listed)
+        shown = ", ".join(repr(redact_uri(m)) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InputError(
+            f"output {redact_uri(uri)!r} holds {rows} committed rows of {len(missing)} input file(s) that the "
+            f"input no longer lists: {shown}. Nothing was changed. Point input at the same files as before, or rerun with "
+            "prune_missing=true to remove those rows (overwrite=true removes everything)"
+        )
+    return missing
+
+
+def mark_done(units: list[Unit], kept: list[Committed], inputs: dict[str, InputFile]) -> None:
+    """Sets each unit's ``done`` ranges to the rows of its input file that ``kept`` files hold."""
+    from pipelines.sink.cover import merge_ranges
+
+    current = {(f.uri, f.fingerprint): path for path, f in inputs.items()}
+    done: dict[str, list[list[int]]] = {}
+    for f in kept:
+        done.setdefault(current[f.source], []).extend(f.ranges)
+    for u in units:
+        end = u.first_row + u.rows
+        u.done = [[max(a, u.first_row), min(b, end)] for a, b in merge_ranges(done.get(u.path, [])) if a < end and b > u.first_row]

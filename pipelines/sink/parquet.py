@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 
 from mtcls.profile import merge_profiles
 from pipelines.sink.base import Checksums, Committed, Problem, Resume, Sink, Verification
+from pipelines.sink.completion import MANIFEST_FILE as MANIFEST
+from pipelines.sink.completion import SUCCESS_FILE as SUCCESS
 from pipelines.sink.cover import exact_cover, merge_ranges
 from pipelines.sink.lock import OutputLock
 from pipelines.sink.records import COMMIT_KEY
@@ -41,8 +43,6 @@ from pipelines.storage import InputError, Location, redact_uri, write_json
 log = logging.getLogger(__name__)
 
 LOCK_PREFIX = "lock"  # the lease files of pipelines.sink.lock
-SUCCESS = "_SUCCESS"
-MANIFEST = "_manifest.json"
 
 
 class ParquetSink(Sink):
@@ -69,8 +69,12 @@ class ParquetSink(Sink):
     # --- open ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def open(self, overwrite: bool) -> Iterator["ParquetSink"]:
+    def open(self, overwrite: bool, inputs: Optional[dict[str, InputFile]] = None) -> Iterator["ParquetSink"]:
+        """Refuses a foreign output (and, given ``inputs``, one holding rows of inputs no longer listed)
+        before anything is touched, then takes the lease and prepares the directory."""
         self.check_owner(overwrite)
+        if inputs is not None and not overwrite:
+            self._check_missing(self.committed(), inputs)
         lock = OutputLock(self.loc, timeout_s=self.lock_timeout_s, heartbeat_s=min(15.0, self.lock_timeout_s / 4), owner=self.owner)
         with lock:
             self.lock = lock
@@ -162,18 +166,9 @@ class ParquetSink(Sink):
         Raises:
             InputError: Naming the input files that are gone and the keys that remove their rows.
         """
-        by_uri = {f.uri: f for f in inputs.values()}
         current = {(f.uri, f.fingerprint): path for path, f in inputs.items()}
         files = self.committed()
-        missing = sorted({f.commit["input"] for f in files if f.commit["input"] not in by_uri})
-        if missing and not self.prune_missing:
-            rows = sum(f.rows for f in files if f.commit["input"] not in by_uri)
-            shown = ", ".join(repr(redact_uri(m)) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise InputError(
-                f"output {redact_uri(self.loc.uri())!r} holds {rows} committed rows of {len(missing)} input file(s) that the "
-                f"input no longer lists: {shown}. Nothing was changed. Point input at the same files as before, or rerun with "
-                "prune_missing=true to remove those rows (overwrite=true removes everything)"
-            )
+        missing = self._check_missing(files, inputs)
         stale = [f.name for f in files if f.source not in current]
         if stale:
             log.warning("%d output files belong to input files that changed%s since they were scored; "
@@ -187,6 +182,24 @@ class ParquetSink(Sink):
             end = u.first_row + u.rows
             u.done = [[max(a, u.first_row), min(b, end)] for a, b in merge_ranges(done.get(u.path, [])) if a < end and b > u.first_row]
         return Resume(kept, stale)
+
+    def _check_missing(self, files: list[Committed], inputs: dict[str, InputFile]) -> list[str]:
+        """The input files that committed files belong to but the input no longer lists.
+
+        Raises:
+            InputError: Naming them and the keys that remove their rows, unless ``prune_missing``.
+        """
+        listed = {f.uri for f in inputs.values()}
+        missing = sorted({f.commit["input"] for f in files if f.commit["input"] not in listed})
+        if missing and not self.prune_missing:
+            rows = sum(f.rows for f in files if f.commit["input"] not in listed)
+            shown = ", ".join(repr(redact_uri(m)) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise InputError(
+                f"output {redact_uri(self.loc.uri())!r} holds {rows} committed rows of {len(missing)} input file(s) that the "
+                f"input no longer lists: {shown}. Nothing was changed. Point input at the same files as before, or rerun with "
+                "prune_missing=true to remove those rows (overwrite=true removes everything)"
+            )
+        return missing
 
     # --- write + commit -----------------------------------------------------------------------
 

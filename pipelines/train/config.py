@@ -148,6 +148,10 @@ class TrainConfig(JobConfig):
         "Where Ray Train keeps checkpoints (a shared URI on a cluster); empty: `outputs/ray_train`."))
     max_train_rows: int = Field(0, description="Cap on training rows (0 = all), for quick runs.")
     seed: int = Field(0, description="Random seed.")
+    verbose: bool = Field(False, description=(
+        "Show Ray's progress bars and INFO logs on the console (Ray Train's worker-group lines, Ray "
+        "Data's execution plans); Ray's log files keep everything either way (see "
+        "[Console output](#console-output))."))
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mtcls import MultiTaskModel
+from pipelines.progress import TrainingProgress
 from pipelines.train.batches import epoch_seed, in_groups, length_grouped
 from pipelines.train.loop_config import LoopConfig
 from pipelines.train.precision import training_autocast
@@ -206,7 +207,7 @@ class TrainingRecipe:
         """The whole validation set's metrics and reports (the same on every worker)."""
         cfg = self.cfg
         return validate(self.model, self.validation_shard, self.specs, cfg.validation_batch_size, cfg.pad_token_id,
-                        self.device, self.rank, self.world, cfg.tuning_bins, cfg.calibrate, cfg.max_length)
+                        self.device, self.rank, self.world, cfg.tuning_bins, cfg.calibrate)
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         """``ray.train.report`` of an epoch on every worker; rank 0 also saves the checkpoint.
@@ -293,20 +294,9 @@ def freeze_unused_pooler(model: MultiTaskModel) -> None:
         pooler.requires_grad_(False)
 
 
-class Progress:
-    """Logs training progress (step, loss, examples/s, time left in the epoch) every ``every`` seconds."""
+class Progress(TrainingProgress):
+    """Rank 0's progress line (epoch, batch, mean loss, examples/s, ETA) every ``every`` seconds,
+    and the training metrics: :class:`pipelines.progress.TrainingProgress` on this module's logger."""
 
     def __init__(self, epoch: int, epochs: int, steps: int, every: float = 30.0) -> None:
-        self.epoch, self.epochs, self.steps, self.every = epoch, epochs, steps, every
-        self.start = self.last = time.perf_counter()
-
-    def update(self, batches: int, rows: int, loss: float) -> None:
-        """Logs if ``every`` seconds passed since the last line."""
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = rows / (now - self.start)
-        left = (self.steps - batches) * (now - self.start) / max(batches, 1)
-        log.info("epoch %d/%d: batch %d/%d (%.0f%%), mean loss %.4f, %.1f examples/s per worker, ~%.0f s left in the epoch",
-                 self.epoch + 1, self.epochs, batches, self.steps, 100 * batches / max(self.steps, 1), loss, rate, max(left, 0))
+        super().__init__(epoch, epochs, steps, every=every, logger=log)

@@ -36,7 +36,6 @@ class LoopConfig:
         cached_features: The shards hold pooled ``features`` instead of ``input_ids``
             (:mod:`pipelines.train.features`): only the heads run.
         pad_token_id: The tokenizer's padding id.
-        max_length: Token limit of the prepared rows (no row is longer).
         torch_threads: CPU threads of each worker.
         seed: Seed of the data order and of each epoch's random state.
         freeze_encoder: Train the heads only; the encoder stays in eval mode.
@@ -61,7 +60,6 @@ class LoopConfig:
     train_rows: int
     cached_features: bool = False
     pad_token_id: int = 0
-    max_length: int = 128
     torch_threads: int = 1
     seed: int = 0
     freeze_encoder: bool = False
@@ -126,6 +124,6 @@ class LoopConfig:
 
 
 #: The fields that are the training job's keys of the same name.
-_JOB_KEYS = ("max_length", "seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
+_JOB_KEYS = ("seed", "freeze_encoder", "learning_rate", "weight_decay", "epochs", "batch_size",
              "gradient_accumulation", "warmup_ratio", "precision", "max_grad_norm", "early_stopping_patience",
              "best_metric", "tune_thresholds", "threshold_bins", "calibrate", "length_grouping")

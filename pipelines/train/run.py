@@ -25,7 +25,7 @@ from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, text_separator
 from mtcls.profile import REFERENCE_FILE, reference_document
 from pipelines.artifacts import check_model_target, localize_model, publish_model_dir, read_model_files
 from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
-from pipelines.runtime import init_ray
+from pipelines.runtime import init_ray, ray_train_logging
 from pipelines.storage import locate, redact_uri, write_json
 from pipelines.train.plots import plot_history
 from pipelines.train.config import TrainConfig
@@ -66,7 +66,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         cfg = cfg.model_copy(update={"train": [str(corpus / "train.parquet")], "heads": cfg.heads or DEFAULT_HEADS})
         log.info("no training data given: the embedded demo corpus %s", corpus)
     check_model_target(cfg.output)  # refuse a directory that is not a model's before training, not after
-    init_ray()
+    init_ray(cfg.verbose)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="mtcls-train-"))
     try:
@@ -133,6 +133,7 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.best_metric, checkpoint_score_order="max"),
+            logging_config=ray_train_logging(),  # Ray Train's INFO lines on the console only with verbose=true
         ),
         datasets=datasets,
         dataset_config=_data_config(),

@@ -59,8 +59,7 @@ class Validation:
 
 
 def validate(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch_size: int, pad_id: int,
-             device: torch.device, rank: int, world: int, tune_bins: int = 0, calibrate: bool = False,
-             max_length: Optional[int] = None) -> Validation:
+             device: torch.device, rank: int, world: int, tune_bins: int = 0, calibrate: bool = False) -> Validation:
     """Validates the model on the whole validation set; every worker calls it and gets the same result.
 
     Args:
@@ -77,12 +76,11 @@ def validate(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch
         world: Number of workers.
         tune_bins: Bins of threshold tuning (0: no tuning).
         calibrate: Fit calibrations.
-        max_length: The longest row in tokens (None: the model's ``max_seq_length``).
 
     Returns:
         The metrics and reports (see :class:`Validation`).
     """
-    local = validation_logits(model, shard, specs, batch_size, pad_id, device, rank, world, max_length)
+    local = validation_logits(model, shard, specs, batch_size, pad_id, device, rank, world)
     given = {s.name: (s.temperature, s.logit_offset) for s in specs}  # a warm start's calibration, if any
     raw = [uncalibrate_spec(s) for s in specs]  # thresholds on the raw scores
     calibration = fit_calibrations(raw, local, world) if calibrate else {}
@@ -106,19 +104,18 @@ def validate(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch
 
 
 def validation_logits(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch_size: int, pad_id: int,
-                      device: torch.device, rank: int, world: int, max_length: Optional[int] = None) -> Logits:
+                      device: torch.device, rank: int, world: int) -> Logits:
     """This worker's validation rows through the inference engine: per head, raw logits and labels.
 
-    The engine runs at fp32 (validation never autocasts) with a token budget that takes each batch
-    of ``batch_size`` rows in one forward pass; on cached features it runs only the heads
-    (:meth:`mtcls.InferenceEngine.predict_pooled`).
+    The engine runs at fp32 (validation never autocasts), each batch of this worker's rows in one
+    forward pass in shard order: the temperature search is sensitive to the last float bits of the
+    logits, so the batching stays fixed between runs (and equal to what it always was). On cached
+    features it runs only the heads (:meth:`mtcls.InferenceEngine.predict_pooled`).
 
     Returns:
         ``{head: ((N, *logit shape) float32 logits, (N, ...) labels)}`` for the heads with rows here.
     """
-    budget = batch_size * (max_length or model.config.max_seq_length)
-    engine = InferenceEngine(model, None, "fp32", device=device, max_tokens_per_batch=budget, pad_token_id=pad_id,
-                             with_logits=True)
+    engine = InferenceEngine(model, None, "fp32", device=device, pad_token_id=pad_id, with_logits=True)
     logits: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
     labels: dict[str, list[np.ndarray]] = {s.name: [] for s in specs}
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -128,7 +125,7 @@ def validation_logits(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpe
         if FEATURES in batch:  # cached features: only the heads run
             out = engine.predict_pooled(np.ascontiguousarray(batch[FEATURES][mine], dtype=np.float32))
         else:
-            out = engine.predict_tokens(Tokens.from_rows([batch["input_ids"][i] for i in mine]))
+            out = engine.predict_tokens(Tokens.from_rows([batch["input_ids"][i] for i in mine]), batches=[np.arange(len(mine))])
         for spec in specs:
             logits[spec.name].append(torch.from_numpy(out[logits_key(spec.name)]))
             labels[spec.name].append(np.stack([batch[f"y_{spec.name}"][i] for i in mine]))

@@ -18,8 +18,12 @@ TYPES = ["news", "opinion", "ad"]
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_model_dir, ray_local):
+def scored(tmp_path_factory, tiny_model_dir, _ray_session):
     """One real scoring output of the tiny model (the only scoring run of this module) and its labels."""
+    import ray
+
+    if not ray.is_initialized():  # the session's local Ray, as ``ray_local`` starts it
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tmp_path_factory.mktemp("scored")
     ids = [f"r{i:03d}" for i in range(ROWS)]
     pq.write_table(pa.table({"id": ids, "text": [f"review {i}: quick delivery" + " great" * (i % 4) for i in range(ROWS)]}),
@@ -49,7 +53,7 @@ WHAT = {"no_success": "no _SUCCESS", "status": 'says "status": "incomplete"', "n
 
 
 @pytest.mark.parametrize("how", list(WHAT))
-def test_evaluate_refuses_an_incomplete_scoring_output(tmp_path, scored, how):
+def test_evaluate_refuses_an_incomplete_scoring_output(tmp_path, scored, ray_local, how):
     preds = damaged(scored, tmp_path / "preds", how)
     args = [f"predictions={preds}", f"labels={scored / 'labels.parquet'}", f"output={tmp_path / 'report'}", "progress=false", "plots=false"]
     with pytest.raises(InputError, match=rf"scoring output '{preds}' is not complete: .*{WHAT[how]}.*allow_incomplete=true"):

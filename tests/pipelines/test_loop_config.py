@@ -22,9 +22,9 @@ def test_the_defaults_are_the_training_jobs():
 
 def test_every_job_key_is_carried():
     cfg = job_config("epochs=5", "batch_size=8", "tune_thresholds=false", "calibrate=false", "freeze_encoder=true",
-                     "max_length=64", "precision=fp32", "seed=7")
+                     "precision=fp32", "seed=7")
     loop = LoopConfig.from_train_config(cfg, **PREPARED)
-    assert (loop.epochs, loop.batch_size, loop.max_length, loop.precision, loop.seed) == (5, 8, 64, "fp32", 7)
+    assert (loop.epochs, loop.batch_size, loop.precision, loop.seed) == (5, 8, "fp32", 7)
     assert loop.cached_features and loop.freeze_encoder and not loop.calibrate
     assert loop.tuning_bins == 0 and loop.validation_batch_size == 16
     assert loop.steps_per_epoch(world=2) == 7 and loop.batches_per_epoch(world=1) == 13

@@ -127,7 +127,7 @@ def test_duplicate_ids_are_counted(tmp_path, tiny_model_dir, ray_local):
 def test_id_type_that_cannot_identify_rows_fails_before_any_work(tmp_path, tiny_model_dir, ids):
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     pq.write_table(pa.table({"id": ids, "text": ["x", "y"]}), inp)
-    with pytest.raises(InputError, match=f"id column 'id' is {ids.type}"):
+    with pytest.raises(InputError, match=f"id column 'id' is {str(ids.type).split('<')[0]}.*cannot identify rows"):
         run_score(cfg(inp, out, tiny_model_dir))
     assert not out.exists()
 
