@@ -15,7 +15,6 @@ from typing import Any, Optional, Union
 
 from mtcls.kinds import HeadKind, get_kind, kind_names
 from mtcls.spec_checks import HeadSpecError, check_names, fail
-from mtcls.spec_checks import check_positive_list, check_probability  # noqa: F401  (re-exported)
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 # Head and group names become Parquet column names, so they must be plain identifiers.

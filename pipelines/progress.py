@@ -1,8 +1,9 @@
 """One progress line per job: done / total, throughput over the last minute, time left, errors.
 
 On a terminal the line updates in place (tqdm, on stderr); otherwise (``ray job submit``, a log
-file, a Ray worker) it is logged every ``every_s`` seconds, plus once at the end. Callers feed it
-per committed batch or per optimizer step, never per row, so it costs nothing measurable.
+file, a Ray worker) it is logged every ``every_s`` seconds (a timer thread logs it even while
+nothing is committed, e.g. during a long first unit), plus once at the end. Callers feed it per
+committed batch or per optimizer step, never per row, so it costs nothing measurable.
 
     progress = Progress("score", total=rows, unit="rows", errors="error rows")
     for batch in committed:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -55,12 +57,14 @@ class Progress:
         tty: Update in place (tqdm) instead of logging; None: whether stderr is a terminal.
         logger: Where the lines go when not on a terminal.
         clock: Time source (seconds; tests pass a fake one).
+        timer: Log (or redraw) from a background thread while no update comes; off for training,
+            whose updates come every optimizer step.
     """
 
     def __init__(self, label: str, total: int, unit: str = "rows", rate_unit: Optional[str] = None,
                  errors: Optional[str] = None, every_s: float = EVERY_S, window_s: float = WINDOW_S,
                  tty: Optional[bool] = None, logger: Optional[logging.Logger] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, timer: bool = True) -> None:
         self.label, self.total, self.unit = label, int(total), unit
         self.rate_unit = rate_unit or unit
         self.errors_name = errors
@@ -72,12 +76,16 @@ class Progress:
         self.started = self.last_line = clock()
         self._samples: collections.deque = collections.deque([(self.started, 0, 0)])
         self._closed = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._bar = None
         if tty if tty is not None else _stderr_is_tty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, unit=f" {unit}", desc=label, file=sys.stderr, dynamic_ncols=True,
                              leave=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}{postfix}]")
+        if timer:
+            threading.Thread(target=self._tick, name=f"progress-{label}", daemon=True).start()
 
     def advance(self, n: int = 0, *, errors: int = 0, rated: Optional[int] = None,
                 status: Optional[dict[str, Any]] = None) -> None:
@@ -90,20 +98,20 @@ class Progress:
             status: Values shown on the line after the count (e.g. ``{"mean loss": 0.41}``),
                 replacing the previous ones.
         """
-        now = self.clock()
-        self.done += int(n)
-        self.errors += int(errors)
-        self.rated += int(n if rated is None else rated)
-        self.status.update(status or {})
-        self._samples.append((now, self.done, self.rated))
-        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window_s:
-            self._samples.popleft()
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._tail(now), refresh=False)
-            self._bar.update(int(n))
-        elif now - self.last_line >= self.every_s:
-            self.last_line = now
-            self.log.info("%s", self.line(now))
+        with self._lock:
+            now = self.clock()
+            self.done += int(n)
+            self.errors += int(errors)
+            self.rated += int(n if rated is None else rated)
+            self.status.update(status or {})
+            self._samples.append((now, self.done, self.rated))
+            while len(self._samples) > 2 and self._samples[1][0] <= now - self.window_s:
+                self._samples.popleft()
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._tail(now), refresh=False)
+                self._bar.update(int(n))
+            elif now - self.last_line >= self.every_s and self.done < self.total:  # the last line is close()'s
+                self._log_line(now)
 
     def rates(self, now: Optional[float] = None) -> tuple[Optional[float], Optional[float]]:
         """``(rate, done units per second)`` over the last ``window_s`` seconds (None before any time passed)."""
@@ -138,21 +146,40 @@ class Progress:
 
     def close(self) -> None:
         """Ends the line: the bar's last state on a terminal, else one final logged line."""
-        if self._closed:
-            return
-        self._closed = True
-        now = self.clock()
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._tail(now, final=True), refresh=False)
-            self._bar.close()
-            return
-        self.log.info("%s", self.line(now) if self.done < self.total else self._final(now))
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            now = self.clock()
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._tail(now, final=True), refresh=False)
+                self._bar.close()
+                return
+            self.log.info("%s", self.line(now) if self.done < self.total else self._final(now))
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _log_line(self, now: float) -> None:
+        self.last_line = now
+        self.log.info("%s", self.line(now))
+
+    def _tick(self) -> None:
+        """The timer thread: a line every ``every_s`` seconds without updates (a redraw each second on a terminal)."""
+        while not self._stop.wait(1.0 if self._bar is not None else min(self.every_s, 5.0)):
+            with self._lock:
+                if self._closed:
+                    return
+                now = self.clock()
+                if self._bar is not None:
+                    self._bar.set_postfix_str(self._tail(now), refresh=False)
+                    self._bar.refresh()
+                elif now - self.last_line >= self.every_s:
+                    self._log_line(now)
 
     def _tail(self, now: float, final: bool = False) -> str:
         parts = [f"{k} {_fmt(v)}" for k, v in self.status.items()]
@@ -193,7 +220,7 @@ class TrainingProgress:
                  logger: Optional[logging.Logger] = None) -> None:
         self.world = max(1, world if world is not None else _train_world_size())
         self.progress = Progress(f"epoch {epoch + 1}/{epochs}", steps, unit="batch", rate_unit="examples", every_s=every,
-                                 tty=False, logger=logger or logging.getLogger("pipelines.train"))
+                                 tty=False, logger=logger or logging.getLogger("pipelines.train"), timer=False)
         self._batches = self._rows = 0
         self._last = self.progress.started
         from pipelines.metrics import training_metrics

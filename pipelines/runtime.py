@@ -67,7 +67,7 @@ def setup_logging(verbose: Optional[bool] = None) -> None:
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not is_verbose():
-        _quiet_process()
+        _quiet_python()
 
 
 def init_ray(verbose: Optional[bool] = None) -> None:
@@ -87,20 +87,45 @@ def init_ray(verbose: Optional[bool] = None) -> None:
         os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     loud = is_verbose()
     if not loud:
-        _quiet_process()
+        _quiet_process(build=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = os.environ.get("RAY_ADDRESS") or None
     context = ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if loud else logging.WARNING,
                        runtime_env=_runtime_env(loud))
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = loud
+    data_progress(loud)
     resources = ray.cluster_resources()
     dashboard = getattr(context, "dashboard_url", None)
     logging.getLogger(__name__).info(
         "ray: %s %s, %g CPUs, %g GPUs%s", "connected to" if address else "started a local cluster at",
         ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0),
         f", dashboard http://{dashboard}" if dashboard else "")
+
+
+def data_progress(show: bool) -> None:
+    """Sets Ray Data's progress reporting of this process's executions (and of the datasets it makes).
+
+    Shown: Ray Data's defaults (bars on a terminal, logged progress otherwise). Not shown: off on a
+    terminal; elsewhere (``ray job submit``, a log file) Ray Data still logs its progress, which the
+    quiet logging config keeps in ``ray-data.log`` and off the console; workers log instead of
+    drawing distributed bars.
+
+    Args:
+        show: Show Ray Data's progress on the console (``verbose`` and ``progress``).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if show:
+        ctx.enable_progress_bars, ctx.use_ray_tqdm = True, True
+    else:
+        ctx.enable_progress_bars, ctx.use_ray_tqdm = not _stdout_is_tty(), False
+
+
+def _stdout_is_tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def ray_train_logging() -> Any:
@@ -148,12 +173,23 @@ def _runtime_env(loud: bool) -> dict[str, Any]:
     return {"worker_process_setup_hook": f"{__name__}.worker_setup", "env_vars": env}
 
 
-def _quiet_process(build: bool = True) -> None:
+def _quiet_process(build: bool) -> None:
     """Keeps Ray's and transformers' chatter off this process's console (their log files keep it).
 
     Args:
         build: Build Ray Data's quiet logging config if no one passed it (the driver; a worker uses the driver's).
     """
+    _quiet_python()
+    _quiet_ray_data(build)
+    from ray.util.debug import log_once
+
+    # Quiet jobs turn Ray Data's progress bars off on purpose, and Ray Data warns once per process
+    # that they are off: marking that warning as given keeps it off the console.
+    log_once("ray_data_progress_manager_disabled")
+
+
+def _quiet_python() -> None:
+    """Python-level quiet: Ray's own deprecation warnings, transformers' progress bars."""
     import warnings
 
     # Deprecations inside Ray's own code (e.g. Ray Train passing a deprecated Ray Data option):
@@ -164,7 +200,6 @@ def _quiet_process(build: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    _quiet_ray_data(build)
 
 
 def _quiet_ray_data(build: bool) -> None:

@@ -26,7 +26,7 @@ from pipelines.inference import shipped_model_files
 from pipelines.sink.schema import output_schema
 from pipelines.tokenize import ship_tokenizer, tokenize_stage
 from pipelines.resources import InferencePlan, plan_inference
-from pipelines.runtime import init_ray
+from pipelines.runtime import data_progress, init_ray
 from pipelines.sink.completion import require_complete
 from pipelines.storage import (InputError, column_names, inspect_parquet, list_parquet_files, locate, redact_uris,
                                write_json)
@@ -158,7 +158,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model_files = shipped_model_files(model_dir, cfg.precision)
 
     init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress and cfg.verbose
+    data_progress(cfg.progress and cfg.verbose)
     if cfg.predictions:
         totals, details = evaluate_predictions(cfg, specs)
     else:

@@ -1,4 +1,4 @@
-"""``plan=true``: what a scoring run would do, measured but not done.
+"""What a scoring run is about to do: its start summary, and ``plan=true``, a dry run.
 
 Reads the input's footers and the output's commit records (no lease is taken, nothing is written,
 removed or moved), plans the resources from the cluster, and times a short forward pass of the
@@ -53,8 +53,6 @@ def dry_run(cfg: ScoreConfig, plan: Any, sink: Any) -> dict[str, Any]:
     import ray
 
     resources = plan_scoring(cfg, ray.cluster_resources())
-    from pipelines.score.run import log_start
-
     log_start(cfg, plan, pending, resources)
     estimate = _estimate(cfg, plan, pending, resources) if pending and problem is None else None
     out = {
@@ -77,6 +75,16 @@ def dry_run(cfg: ScoreConfig, plan: Any, sink: Any) -> dict[str, Any]:
     if problem:
         out["refused"] = problem
     return out
+
+
+def log_start(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: ScoringPlan) -> None:
+    """The job's start summary: inputs, rows, pending rows, the resource plan, the output (one line)."""
+    rows = sum(f.rows for f in plan.inputs.values())
+    left = sum(u.pending_rows for u in pending)
+    log.info("score %s (%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
+             "%d torch threads each, precision %s", redact_uri(cfg.input), len(plan.inputs), rows, redact_uri(cfg.output),
+             left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
+             resources.torch_threads, cfg.precision)
 
 
 def _mark_committed(sink: Any, plan: Any) -> int:

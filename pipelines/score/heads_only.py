@@ -8,7 +8,7 @@
 No tokenizer and no encoder pass. Before any work, :func:`check_embedding_input` proves that every
 input file's vectors come from the model's encoder: the file's Parquet metadata (key ``mtcls``,
 written by ``jobs.score embeddings=true``) records the encoder identity
-(:func:`mtcls.encoder_identity`), whose weights hash and pooling must equal the model's; and its
+(:func:`mtcls.encoder_identity`), whose encoder hash (weights and config) and pooling must equal the model's; and its
 ``embedding`` column must hold vectors of the encoder's hidden size.
 
 Between the stages a block carries, besides the id, pass-through and internal columns of
@@ -42,7 +42,7 @@ class EmbeddingSource:
     """What :func:`check_embedding_input` established about the input.
 
     Attributes:
-        encoder: The encoder identity recorded by the input (the model's weights hash and pooling;
+        encoder: The encoder identity recorded by the input (the encoder's hash of weights and config, and pooling;
             the ``max_length`` the vectors were computed with).
         text_columns: The text columns the input's vectors were computed from (its metadata), or [].
         width: Values per vector (the encoder's hidden size).
@@ -67,7 +67,7 @@ def check_embedding_input(loc: Location, files: list[str], model_encoder: dict[s
     Raises:
         InputError: Naming the file: no ``embedding`` column, a column that is not a list of
             floats or has vectors of another width, no recorded encoder identity, or vectors of
-            another encoder (naming both weights hashes) or pooling.
+            another encoder (naming both encoder hashes) or pooling.
         ConfigError: Naming ``max_length`` when it differs from the one the vectors were computed with.
     """
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
@@ -89,7 +89,7 @@ def check_embedding_input(loc: Location, files: list[str], model_encoder: dict[s
                              "'encoder', written by jobs.score embeddings=true): nothing shows its embeddings come from the "
                              "model's encoder; score the text instead (from_embeddings=false)")
         if encoder["encoder_sha256"] != model_encoder["encoder_sha256"]:
-            raise InputError(f"Parquet file {uri!r}: its embeddings come from the encoder with weights sha256 "
+            raise InputError(f"Parquet file {uri!r}: its embeddings come from the encoder with sha256 (weights and config) "
                              f"{encoder['encoder_sha256']}, but the model's encoder has sha256 {model_encoder['encoder_sha256']}; "
                              "heads-only scoring needs the encoder that wrote them: score the text instead (from_embeddings=false)")
         if encoder.get("pooling") != model_encoder["pooling"]:

@@ -32,9 +32,10 @@ from pipelines.inference import shipped_model_files
 from pipelines.metrics import CommitMetrics, score_tags, scoring_stats_summary, start_scoring_stats
 from pipelines.progress import Progress
 from pipelines.resources import ScoringPlan, plan_scoring
-from pipelines.runtime import init_ray
+from pipelines.runtime import data_progress, init_ray
 from pipelines.score.config import ScoreConfig
 from pipelines.score.drift import drift_section, profile_section
+from pipelines.score.dry_run import log_start
 from pipelines.score.heads_only import EmbeddingSource, check_embedding_input, read_embeddings
 from pipelines.score.stages import read_and_tokenize
 from pipelines.sink import make_sink
@@ -64,6 +65,7 @@ class _Plan:
     inputs: dict[str, InputFile]
     encoder: Optional[dict[str, Any]]
     max_length: int
+    model_files: dict[str, bytes]
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
@@ -152,7 +154,9 @@ def _plan(cfg: ScoreConfig) -> _Plan:
                            embedding=embedding_type(model_config.hidden_size, cfg.embedding_dtype) if cfg.embeddings else None,
                            encoder_identity=encoder)
     units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
-    return _Plan(model_dir, model_config, identity, schema, units, inputs, encoder, max_length)
+    # int8: the export runs here, once per encoder, so a model the route cannot handle fails before any output.
+    model_files = shipped_model_files(model_dir, cfg.precision)
+    return _Plan(model_dir, model_config, identity, schema, units, inputs, encoder, max_length, model_files)
 
 
 def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
@@ -172,7 +176,7 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     from transformers import AutoTokenizer
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress and cfg.verbose
+    data_progress(cfg.progress and cfg.verbose)
     ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
     ctx.raise_original_map_exception = True  # a stage's InputError (heads only: a vector's width) stays one
 
@@ -183,7 +187,6 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, PRECISION_TYPE)]
     carried = pa.schema(list(plan.schema) + internal, metadata=plan.schema.metadata)
     in_fs = locate(cfg.input).fs
-    model_files = shipped_model_files(plan.model_dir, cfg.precision)
 
     ds = ray.data.from_items([{"unit": index[u.key]} for u in pending], override_num_blocks=len(pending))
     engine = dict(torch_threads=resources.torch_threads, heads=cfg.heads or None)
@@ -208,7 +211,7 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     stats = start_scoring_stats()
     ds = ds.map_batches(
         InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(files_ref=[ray.put(model_files)], inputs=inputs, output=ScoredColumns(carried),
+        fn_constructor_kwargs=dict(files_ref=[ray.put(plan.model_files)], inputs=inputs, output=ScoredColumns(carried),
                                    metrics=dict(tags=tags, stats=stats), **engine),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.num_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
@@ -233,16 +236,6 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("Ray Data stage statistics:\n%s", ds.stats())
     return done, used, {**committed.summary(), **scoring_stats_summary(stats, expect_rows=done)}
-
-
-def log_start(cfg: ScoreConfig, plan: _Plan, pending: list[Unit], resources: ScoringPlan) -> None:
-    """The job's start summary: inputs, rows, pending rows, the resource plan, the output (one line)."""
-    rows = sum(f.rows for f in plan.inputs.values())
-    left = sum(u.pending_rows for u in pending)
-    log.info("score %s (%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
-             "%d torch threads each, precision %s", redact_uri(cfg.input), len(plan.inputs), rows, redact_uri(cfg.output),
-             left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
-             resources.torch_threads, cfg.precision)
 
 
 def _embedding_source(cfg: ScoreConfig, in_loc: Any, files: list[str], model_dir: Any, model_config: MultiTaskConfig) -> EmbeddingSource:

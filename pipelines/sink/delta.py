@@ -314,10 +314,10 @@ class DeltaSink(Sink):
         fs = self.loc.fs
         fs.invalidate_cache(self.loc.path)
         entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(self.loc.path, detail=False)] if fs.exists(self.loc.path) else []
-        others = [e for e in entries if e != "_mtcls"]
+        others = [e for e in entries if e not in ("_mtcls", "_delta_log")]
         if not others:
-            return
-        if fs.exists(self.internal.path) and "_delta_log" not in others:
+            return  # empty, or a table another job (lock=false) is creating: its first log entry is not there yet
+        if fs.exists(self.internal.path) and "_delta_log" not in entries:
             raise InputError(f"output {shown!r} holds an mtcls Parquet output (output_format=parquet); choose another "
                              "output, or set overwrite=true to replace it with a Delta table")
         raise InputError(f"output directory {shown!r} is not empty and is not a Delta table written by mtcls; "

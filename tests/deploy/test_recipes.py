@@ -22,8 +22,12 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,7 +41,6 @@ import yaml
 from pipelines.config import ConfigError, load_config
 from pipelines.runtime import JobAlert, run_job
 from pipelines.storage import InputError
-from tests.jobs.test_job_submit import ray_head  # noqa: F401  (a real `ray start --head`, for the slow test)
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "deploy" / "airflow" / "mtcls_nightly.py"
@@ -193,6 +196,7 @@ def test_the_jobs_exit_statuses_are_the_ones_the_dag_maps():
     assert dag.outcome(status(ConfigError("key 'x': bad"))) == dag.REJECTED
     assert dag.outcome(status(InputError("input path 'x' does not exist"))) == dag.REJECTED
     assert dag.outcome(status(JobAlert("prediction drift above 0.2 on type"))) == dag.ALERT
+
     def crash():
         raise RuntimeError("lost a node")
 
@@ -487,25 +491,59 @@ def test_drift_job_without_partitions_exits_2_and_writes_nothing(tmp_path):
     assert dag_module().outcome(result.returncode) == "rejected"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def job_server():
+    """A real ``ray start --head`` with its job server; every port its own (other Rays may run here)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    dashboard = free_port()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay short
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={free_port()}",
+         "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_ray_job_submit_hides_the_exit_status_and_the_recipes_recover_it(tmp_path, ray_head):
+def test_ray_job_submit_hides_the_exit_status_and_the_recipes_recover_it(tmp_path, job_server):
     """Against a real job server: ``ray job submit`` exits 1 for an entrypoint's 3; the helper and
     the CronJob script's parse of the job message both give 3."""
-    address, env = ray_head
+    address, env = job_server
     ray_cli = str(Path(sys.executable).with_name("ray"))
     sid = "mtcls-test-exit-3"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while True:
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--address", address, "--submission-id", sid, "--",
              sys.executable, "-c", "import sys; print('alert: drifted', file=sys.stderr); sys.exit(3)"],
             env=env, capture_output=True, text=True, timeout=300,
         )
-        # The job server answers before the node's agent registers; a refused submission ran nothing.
-        if "No available agent to submit job" not in submit.stderr or time.time() > deadline:
+        # The head answers (or refuses) before its job server and the node's agent are up; a refused
+        # submission ran nothing.
+        output = submit.stdout + submit.stderr
+        if "submitted successfully" in output or time.time() > deadline:
             break
         time.sleep(3)
-    assert submit.returncode == 1, submit.stdout[-2000:] + submit.stderr[-2000:]
+    output = submit.stdout + submit.stderr
+    assert f"Job '{sid}' submitted successfully" in output and f"Job '{sid}' failed" in output, output[-3000:]
+    assert submit.returncode == 1, output[-3000:]  # not 3
 
     def helper(*args):
         return subprocess.run([sys.executable, str(EXIT_HELPER), "--address", address, "--poll-s", "0.5", *args],

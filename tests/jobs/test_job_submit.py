@@ -38,7 +38,11 @@ def ray_head():
     # which would stop every Ray on the machine).
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats",
+         # Free ports for the node's agent: another Ray on the machine (the test session's own) holds the defaults,
+         # and the job server then never finds an agent ("No available agent to submit job").
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"

@@ -297,7 +297,7 @@ run_job(main)
 
 
 def score_cmd(inp: Path, out: Path, model: Path, *extra: str, kill: str = "") -> list[str]:
-    job = ["-c", KILLING_JOB, "jobs.score"] if kill else ["-m", "jobs.score"]
+    job = ["-c", KILLING_JOB] if kill else ["-m", "jobs.score"]
     return [sys.executable, *job, f"input={inp}", f"output={out}", f"model={model}", "progress=false", "output_format=delta",
             "rows_per_file=100", "block_rows=50", "max_tokens_per_batch=64", "num_actors=1", "commit_every_files=1", *extra]
 

@@ -1,6 +1,5 @@
 """The training loop's typed config: built from the job's config, carried through Ray Train's dict."""
 
-import dataclasses
 import pickle
 
 from mtcls import HeadSpec
