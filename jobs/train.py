@@ -13,6 +13,7 @@ import json
 from typing import Optional, Sequence
 
 from pipelines.config import load_config
+from pipelines.demo.defaults import with_demo_training_data
 from pipelines.runtime import parse_job_args, run_job, setup_logging
 from pipelines.train import TrainConfig, run_train
 
@@ -21,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Fine-tune a multi-head classifier on Ray Train", TrainConfig)
     cfg = load_config(TrainConfig, config_path, overrides)
     setup_logging(cfg.verbose)
-    summary = run_train(cfg)
+    summary = run_train(with_demo_training_data(cfg))
     print(json.dumps({
         "model": cfg.output,
         "best_epoch": summary["best_epoch"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -32,27 +32,61 @@ from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 #: benchmarks/gpu_throughput.py is what should set it); large batches.
 DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
 MAX_BATCH_ROWS = 1024
-#: Key under which :meth:`InferenceEngine.predict_tokens` returns the pooled encoder features when
-#: asked (``with_pooled=True``). Head names start with a letter, so it never clashes with a head.
-POOLED = "__pooled"
 #: Rows per call of the heads in :meth:`InferenceEngine.predict_pooled` (the heads are small).
 POOLED_BATCH_ROWS = 8192
-#: Prefix of the keys under which an engine made with ``with_uncalibrated=True`` also returns the
-#: uncalibrated probabilities of each head that has a temperature (:func:`uncalibrated_key`).
-UNCALIBRATED = "__uncalibrated:"
-#: Prefix of the keys under which an engine made with ``with_logits=True`` also returns each head's
-#: raw logits (:func:`logits_key`).
-LOGITS = "__logits:"
+
+#: A result part and a head (``("pooled", "")`` for the pooled features): the engine's internal layout.
+_Key = tuple[str, str]
 
 
-def uncalibrated_key(head: str) -> str:
-    """Key of a head's uncalibrated probabilities in :meth:`InferenceEngine.predict_tokens`'s result."""
-    return UNCALIBRATED + head
+@dataclass
+class EngineOutput:
+    """What :meth:`InferenceEngine.predict_tokens` and :meth:`InferenceEngine.predict_pooled` return, rows in input order.
 
+    Attributes:
+        probs: ``{head: probabilities}`` float32, calibrated by each head's ``temperature``
+            (:func:`mtcls.calibration.calibrated_probabilities`): (N, 1) binary, (N, G, K)
+            grouped, (N, K) otherwise.
+        uncalibrated: ``{head: probabilities without its temperature}`` for each head that has
+            one, from an engine made ``with_uncalibrated`` (else empty).
+        logits: ``{head: raw logits}`` (before any calibration), from an engine made
+            ``with_logits`` (else empty).
+        pooled: (N, hidden size) float32 pooled encoder features the heads saw, when asked
+            (``with_pooled``); else None.
+    """
 
-def logits_key(head: str) -> str:
-    """Key of a head's raw logits in the results of an engine made with ``with_logits=True``."""
-    return LOGITS + head
+    probs: dict[str, np.ndarray]
+    uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
+    pooled: Optional[np.ndarray] = None
+
+    @classmethod
+    def _from_parts(cls, parts: dict[_Key, np.ndarray]) -> "EngineOutput":
+        pick = {part: {name: a for (p, name), a in parts.items() if p == part} for part in ("probs", "uncalibrated", "logits")}
+        return cls(pick["probs"], pick["uncalibrated"], pick["logits"], parts.get(("pooled", "")))
+
+    def _parts(self) -> dict[_Key, np.ndarray]:
+        parts: dict[_Key, np.ndarray] = {("probs", n): a for n, a in self.probs.items()}
+        parts.update({("uncalibrated", n): a for n, a in self.uncalibrated.items()})
+        parts.update({("logits", n): a for n, a in self.logits.items()})
+        if self.pooled is not None:
+            parts[("pooled", "")] = self.pooled
+        return parts
+
+    @classmethod
+    def filled(cls, shapes: dict[_Key, tuple[int, ...]], rows: int, value: float = np.nan) -> "EngineOutput":
+        """An output of ``rows`` rows in the layout of :meth:`InferenceEngine.output_shapes`, every value ``value``."""
+        return cls._from_parts({k: np.full((rows, *shape), value, np.float32) for k, shape in shapes.items()})
+
+    def set_row(self, i: int, other: "EngineOutput", j: int = 0) -> None:
+        """Copies row ``j`` of ``other`` (same layout) into row ``i``."""
+        theirs = other._parts()
+        for key, array in self._parts().items():
+            array[i] = theirs[key][j]
+
+    def take(self, rows: np.ndarray) -> "EngineOutput":
+        """The given rows, in that order."""
+        return self._from_parts({k: a[rows] for k, a in self._parts().items()})
 
 
 @dataclass
@@ -193,13 +227,13 @@ class InferenceEngine:
         int8_file: For ``precision="int8"``, the quantized encoder (:mod:`mtcls.quantize`); None
             exports it (once per model, cached).
         with_uncalibrated: :meth:`predict_tokens` also returns, for each head with a
-            ``temperature``, its probabilities without it, under :func:`uncalibrated_key` (the
+            ``temperature``, its probabilities without it (:attr:`EngineOutput.uncalibrated`; the
             evaluation job measures calibration with and without; one forward pass gives both).
         heads: Predict only these heads (the heads they read through ``inputs_from`` run too, but
             are not returned); None: every head.
         with_logits: :meth:`predict_tokens` and :meth:`predict_pooled` also return each head's
-            raw logits (before any calibration, float32, in the head's logit shape) under
-            :func:`logits_key` (training's validation fits calibrations and thresholds on them).
+            raw logits (before any calibration, float32, in the head's logit shape) as
+            :attr:`EngineOutput.logits` (training's validation fits calibrations and thresholds on them).
     """
 
     def __init__(self, model: MultiTaskModel, tokenizer: Any, precision: str = "auto",
@@ -257,20 +291,21 @@ class InferenceEngine:
         """Texts -> :class:`Tokens` under the engine's ``max_length``."""
         return tokenize_flat(self.tokenizer, texts, self.max_length)
 
-    def output_shapes(self, with_pooled: bool = False) -> dict[str, tuple[int, ...]]:
-        """Per-row shape of each array :meth:`predict_tokens` returns (``POOLED``: (hidden size,))."""
-        shapes = {name: tuple(spec.impl.logit_shape(spec)) for name, spec in self.specs.items()}
+    def output_shapes(self, with_pooled: bool = False) -> dict[_Key, tuple[int, ...]]:
+        """Per-row shape of each array :meth:`predict_tokens` returns, by ``(part, head)`` (see :class:`EngineOutput`)."""
+        heads = {name: tuple(spec.impl.logit_shape(spec)) for name, spec in self.specs.items()}
+        shapes: dict[_Key, tuple[int, ...]] = {("probs", n): shape for n, shape in heads.items()}
         if self.with_uncalibrated:
-            shapes.update({uncalibrated_key(n): shapes[n] for n, s in self.specs.items() if s.temperature is not None})
+            shapes.update({("uncalibrated", n): heads[n] for n, s in self.specs.items() if s.temperature is not None})
         if self.with_logits:
-            shapes.update({logits_key(n): shapes[n] for n in self.specs})
+            shapes.update({("logits", n): heads[n] for n in self.specs})
         if with_pooled:
-            shapes[POOLED] = (self.model.config.hidden_size,)
+            shapes[("pooled", "")] = (self.model.config.hidden_size,)
         return shapes
 
     @torch.inference_mode()
     def predict_tokens(self, tokens: Union[Tokens, Sequence[Sequence[int]]], with_pooled: bool = False,
-                       batches: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
+                       batches: Optional[Sequence[np.ndarray]] = None) -> EngineOutput:
         """Runs every head on pre-tokenized rows; results come back in input order.
 
         On a GPU, host tensors are pinned and copied without blocking, and a batch's results are
@@ -279,26 +314,22 @@ class InferenceEngine:
         Args:
             tokens: The rows' token ids.
             with_pooled: Also return the pooled encoder features the heads saw (the int8 encoder's
-                under ``int8``), under the key :data:`POOLED`.
+                under ``int8``), as :attr:`EngineOutput.pooled`.
             batches: The rows of each forward pass (index arrays covering every row once), in
                 place of the engine's token-budget batches of length-sorted rows; padding and row
                 order change results in the last float bits, so a caller comparing with earlier
                 runs can fix them.
 
         Returns:
-            ``{head: probabilities}`` float32 arrays, calibrated by each head's ``temperature``
-            (:func:`mtcls.calibration.calibrated_probabilities`): (N, 1) binary, (N, G, K) grouped, (N, K) otherwise;
-            with ``with_pooled``, also ``{POOLED: (N, hidden size) float32}``; for an engine made
-            ``with_uncalibrated``, also ``{uncalibrated_key(head): probabilities without the
-            temperature}`` for each head that has one; for an engine made ``with_logits``, also
-            ``{logits_key(head): raw logits}``.
+            An :class:`EngineOutput`: calibrated probabilities, and what the engine was made or
+            asked for (uncalibrated probabilities, logits, pooled features).
         """
         if not isinstance(tokens, Tokens):
             tokens = Tokens.from_rows(tokens)
         n = len(tokens)
-        out = {name: np.empty((n, *shape), np.float32) for name, shape in self.output_shapes(with_pooled).items()}
+        out = {key: np.empty((n, *shape), np.float32) for key, shape in self.output_shapes(with_pooled).items()}
         if n == 0:
-            return out
+            return EngineOutput._from_parts(out)
         cuda = self.device.type == "cuda"
         dtype = self.precision.autocast_dtype
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -318,13 +349,13 @@ class InferenceEngine:
                 self._collect(out, *pending)
             pending = (idx, probs)
         self._collect(out, *pending)
-        return out
+        return EngineOutput._from_parts(out)
 
     @torch.inference_mode()
-    def predict_pooled(self, features: Union[np.ndarray, torch.Tensor], batch_rows: int = POOLED_BATCH_ROWS) -> dict[str, np.ndarray]:
+    def predict_pooled(self, features: Union[np.ndarray, torch.Tensor], batch_rows: int = POOLED_BATCH_ROWS) -> EngineOutput:
         """Runs only the heads, on pooled encoder features: no tokenizer, no encoder.
 
-        ``features`` are what :meth:`predict_tokens` returns under :data:`POOLED` (for example the
+        ``features`` are what :meth:`predict_tokens` returns as ``pooled`` (for example the
         ``embedding`` column of a scoring output). The heads, their ``inputs_from`` fusion, the
         precision and the calibration are those of :meth:`predict_tokens`, so for the same
         features the probabilities are the same (at fp32, equal up to float rounding).
@@ -334,9 +365,7 @@ class InferenceEngine:
             batch_rows: Rows per call of the heads.
 
         Returns:
-            ``{head: probabilities}`` (and the uncalibrated ones, or the logits, for an engine made
-            ``with_uncalibrated`` or ``with_logits``) in the layouts of :meth:`predict_tokens`, in
-            input order.
+            An :class:`EngineOutput` as :meth:`predict_tokens` gives it (``pooled`` is None).
 
         Raises:
             ValueError: If ``features`` is not (N, hidden size).
@@ -345,37 +374,38 @@ class InferenceEngine:
         hidden = self.model.config.hidden_size
         if x.ndim != 2 or x.shape[1] != hidden:
             raise ValueError(f"features must be (N, {hidden}) (the encoder's hidden size), got {tuple(x.shape)}")
-        out = {name: np.empty((len(x), *shape), np.float32) for name, shape in self.output_shapes().items()}
+        out = {key: np.empty((len(x), *shape), np.float32) for key, shape in self.output_shapes().items()}
         dtype = self.precision.autocast_dtype
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype and self.int8 is None else contextlib.nullcontext()
         for start in range(0, len(x), batch_rows):
             with autocast:
                 result = self.model.forward_heads(x[start:start + batch_rows].to(self.device), heads=self._run_heads)
             self._collect(out, np.arange(start, min(start + batch_rows, len(x))), self._scores(result))
-        return out
+        return EngineOutput._from_parts(out)
 
-    def _scores(self, result: Any, with_pooled: bool = False) -> dict[str, torch.Tensor]:
+    def _scores(self, result: Any, with_pooled: bool = False) -> dict[_Key, torch.Tensor]:
         """One batch's results: the returned heads' calibrated probabilities (the heads'
         temperatures; forward_heads fused the uncalibrated ones), and what the engine was asked for."""
-        probs = {name: calibrated_probabilities(spec, result.logits[name].float()) for name, spec in self.specs.items()}
+        probs: dict[_Key, torch.Tensor] = {("probs", name): calibrated_probabilities(spec, result.logits[name].float())
+                                           for name, spec in self.specs.items()}
         if self.with_uncalibrated:
-            probs.update({uncalibrated_key(name): head_probabilities(spec, result.logits[name].float())
+            probs.update({("uncalibrated", name): head_probabilities(spec, result.logits[name].float())
                           for name, spec in self.specs.items() if spec.temperature is not None})
         if self.with_logits:
-            probs.update({logits_key(name): result.logits[name].float() for name in self.specs})
+            probs.update({("logits", name): result.logits[name].float() for name in self.specs})
         if with_pooled:
-            probs[POOLED] = result.pooled.float()
+            probs[("pooled", "")] = result.pooled.float()
         return probs
 
     @staticmethod
-    def _collect(out: dict[str, np.ndarray], idx: np.ndarray, probs: dict[str, torch.Tensor]) -> None:
+    def _collect(out: dict[_Key, np.ndarray], idx: np.ndarray, probs: dict[_Key, torch.Tensor]) -> None:
         for name, p in probs.items():
             out[name][idx] = p.cpu().numpy()
 
     def predict(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Texts -> ``({head: probabilities}, truncated)``."""
         tokens = self.tokenize(texts)
-        return self.predict_tokens(tokens), tokens.truncated
+        return self.predict_tokens(tokens).probs, tokens.truncated
 
 
 def predict_probabilities(model: MultiTaskModel, input_ids: Sequence[Sequence[int]], pad_token_id: int = 0,
@@ -384,7 +414,7 @@ def predict_probabilities(model: MultiTaskModel, input_ids: Sequence[Sequence[in
 
     engine = InferenceEngine(model, None, precision, device=next(model.parameters()).device,
                              max_tokens_per_batch=max_tokens_per_batch, pad_token_id=pad_token_id)
-    return engine.predict_tokens(input_ids)
+    return engine.predict_tokens(input_ids).probs
 
 
 def predict_texts(model: MultiTaskModel, tokenizer: Any, texts: Sequence[str], max_length: Optional[int] = None,

@@ -26,8 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtcls import InferenceEngine, Tokens, decode_arrow
-from mtcls.inference import POOLED, uncalibrated_key
+from mtcls import EngineOutput, InferenceEngine, Tokens, decode_arrow
 from pipelines.blocks import EMBEDDING_IN, IDS, PRECISION, precision_column
 from pipelines.inference import load_shipped_engine, predict_with_retry
 from pipelines.sink.schema import EMBEDDING_COLUMN, ERROR_COLUMN, TRUNCATED_COLUMN
@@ -75,14 +74,14 @@ class Predictions:
 
     Attributes:
         rows: Their positions in the block.
-        probs: ``{head: probabilities}`` of those rows, in order (NaN where ``failures`` says so).
+        out: The engine's output for those rows, in order (NaN where ``failures`` says so).
         failures: Per row, why its forward pass failed (None: it has predictions).
         tokens: Token ids of those rows (0: heads only).
         padded_tokens: Token slots of the forward batches, padding included.
     """
 
     rows: np.ndarray
-    probs: dict[str, np.ndarray]
+    out: EngineOutput
     failures: list[Optional[str]]
     tokens: int = 0
     padded_tokens: int = 0
@@ -105,28 +104,42 @@ class _CountedTokens(Tokens):
 
 
 class TokenIds:
-    """Input: token ids in ``__ids`` (from the tokenizing CPU stage); the encoder and the heads run."""
+    """Input: token ids in a ``list<int32>`` column (``__ids``, from the tokenizing CPU stage); the encoder and the heads run.
+
+    Args:
+        column: The column that holds them.
+    """
 
     engine_defaults: dict[str, Any] = {}
 
+    def __init__(self, column: str = IDS) -> None:
+        self.column = column
+
     def predict(self, engine: InferenceEngine, batch: pa.Table, rows: np.ndarray, with_pooled: bool) -> Predictions:
-        tokens = read_tokens(batch.column(IDS), rows)
+        tokens = read_tokens(batch.column(self.column), rows)
         counted = _CountedTokens(tokens.ids, tokens.offsets, tokens.truncated)
-        probs, failures = predict_with_retry(engine, counted, with_pooled=with_pooled)
-        return Predictions(rows, probs, failures, tokens=int(tokens.offsets[-1]), padded_tokens=counted.slots)
+        out, failures = predict_with_retry(engine, counted, with_pooled=with_pooled)
+        return Predictions(rows, out, failures, tokens=int(tokens.offsets[-1]), padded_tokens=counted.slots)
 
 
 class PooledVectors:
-    """Input: pooled encoder features in ``__embedding``; only the heads run (fp32, CPU, no tokenizer)."""
+    """Input: pooled encoder features in a ``fixed_size_list`` column (``__embedding``); only the heads run (fp32, CPU, no tokenizer).
+
+    Args:
+        column: The column that holds them.
+    """
 
     engine_defaults: dict[str, Any] = {"precision": "fp32", "device": "cpu", "with_tokenizer": False}
 
+    def __init__(self, column: str = EMBEDDING_IN) -> None:
+        self.column = column
+
     def predict(self, engine: InferenceEngine, batch: pa.Table, rows: np.ndarray, with_pooled: bool) -> Predictions:
-        vectors = read_vectors(batch.column(EMBEDDING_IN), engine.model.config.hidden_size)[rows]
-        probs = engine.predict_pooled(vectors)
+        vectors = read_vectors(batch.column(self.column), engine.model.config.hidden_size)[rows]
+        out = engine.predict_pooled(vectors)
         if with_pooled:
-            probs[POOLED] = vectors
-        return Predictions(rows, probs, [None] * len(rows))
+            out.pooled = vectors
+        return Predictions(rows, out, [None] * len(rows))
 
 
 class ScoredColumns:
@@ -156,28 +169,33 @@ class ScoredColumns:
         scored[pred.rows[good]] = True
         columns: dict[str, pa.Array] = {}
         for name, spec in engine.specs.items():
-            columns.update(decode_arrow(spec, pred.probs[name][good]))
+            columns.update(decode_arrow(spec, pred.out.probs[name][good]))
         if self.embedding_dtype is not None:
-            columns[EMBEDDING_COLUMN] = embedding_array(pred.probs[POOLED][good], self.embedding_dtype)
+            columns[EMBEDDING_COLUMN] = embedding_array(pred.out.pooled[good], self.embedding_dtype)
         out = assemble(self.schema, batch.append_column(PRECISION, precision_column(precision, batch.num_rows)),
                        scored, columns, errors)
         if engine.with_uncalibrated:
             from ray.data.extensions import ArrowTensorArray
 
-            for name, spec in engine.specs.items():
-                key = uncalibrated_key(name)
-                if key in pred.probs:
-                    full = np.full((batch.num_rows, *pred.probs[key].shape[1:]), np.nan, np.float32)
-                    full[scored] = pred.probs[key][good]
-                    out = out.append_column(UNCALIBRATED_PREFIX + name, ArrowTensorArray.from_numpy(full))
+            for name, probs in pred.out.uncalibrated.items():
+                full = np.full((batch.num_rows, *probs.shape[1:]), np.nan, np.float32)
+                full[scored] = probs[good]
+                out = out.append_column(UNCALIBRATED_PREFIX + name, ArrowTensorArray.from_numpy(full))
         return out
 
 
 class PooledFeatures:
-    """Output: the block without ``input_ids``, with ``length`` (tokens per row) and ``features``
-    ((N, hidden) float32, a tensor column): the cached features of frozen-encoder training."""
+    """Output: the block without its token ids, with ``length`` (tokens per row) and ``features``
+    ((N, hidden) float32, a tensor column): the cached features of frozen-encoder training.
+
+    Args:
+        column: The token-id column to replace.
+    """
 
     with_pooled = True
+
+    def __init__(self, column: str = IDS) -> None:
+        self.column = column
 
     def build(self, engine: InferenceEngine, batch: pa.Table, pred: Predictions, errors: pa.Array, precision: dict) -> pa.Table:
         from ray.data.extensions import ArrowTensorArray
@@ -185,10 +203,10 @@ class PooledFeatures:
         failed = [f for f in pred.failures if f is not None]
         if failed:  # training needs every row's features: fail the task (Ray retries it), never drop a row
             raise RuntimeError(f"{len(failed)} rows of a feature block failed: {failed[0]}")
-        out = batch.drop_columns([IDS])
-        lengths = read_tokens(batch.column(IDS)).lengths.astype(np.int32)
+        out = batch.drop_columns([self.column])
+        lengths = read_tokens(batch.column(self.column)).lengths.astype(np.int32)
         out = out.append_column("length", pa.array(lengths))
-        return out.append_column("features", ArrowTensorArray.from_numpy(pred.probs[POOLED]))
+        return out.append_column("features", ArrowTensorArray.from_numpy(pred.out.pooled))
 
 
 def assemble(schema: pa.Schema, batch: pa.Table, scored: np.ndarray, columns: dict[str, pa.Array],
@@ -231,27 +249,36 @@ class InferenceActor:
 
     Args:
         files_ref: ``[ray.put(model files)]``; the model is loaded once per actor.
-        inputs: ``"tokens"`` (:class:`TokenIds`) or ``"pooled"`` (:class:`PooledVectors`).
+        inputs: :class:`TokenIds` or :class:`PooledVectors` (or their names, ``"tokens"`` and
+            ``"pooled"``, for the default columns).
         output: What to build from the predictions (:class:`ScoredColumns` or :class:`PooledFeatures`).
+        training_precision: Run at the precision a training forward pass would use on this
+            actor's device for this training ``precision`` key (:func:`mtcls.precision.training_autocast`;
+            the cached-feature pass), instead of an inference ``precision``.
         metrics: Record per-block metrics: :class:`pipelines.metrics.ScoringBlockMetrics` arguments
             (``tags``, ``stats``); None: none.
         **engine_kwargs: :meth:`mtcls.InferenceEngine.load` arguments (``torch_threads``,
             ``precision``, ``max_length``, ``heads``, ...), over the input's defaults.
     """
 
-    def __init__(self, files_ref: list, inputs: str, output: Union[ScoredColumns, PooledFeatures],
-                 metrics: Optional[dict[str, Any]] = None, **engine_kwargs: Any) -> None:
+    def __init__(self, files_ref: list, inputs: Union[str, TokenIds, PooledVectors], output: Union[ScoredColumns, PooledFeatures],
+                 metrics: Optional[dict[str, Any]] = None, training_precision: Optional[str] = None, **engine_kwargs: Any) -> None:
         import ray
+        import torch
 
+        from mtcls.precision import training_precision_name
         from pipelines.metrics import ScoringBlockMetrics
 
-        self.input = INPUTS[inputs]()
+        self.input = INPUTS[inputs]() if isinstance(inputs, str) else inputs
         kwargs = {**self.input.engine_defaults, **engine_kwargs}
+        if training_precision is not None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            kwargs.update(device=device, precision=training_precision_name(training_precision, device))
         kwargs["torch_threads"] = max(1, int(kwargs.get("torch_threads") or 1))
         self.engine, self._copy = load_shipped_engine(files_ref, **kwargs)
         self.output = output
         precision = self.engine.precision
-        reason = HEADS_ONLY_REASON if inputs == "pooled" else precision.reason
+        reason = HEADS_ONLY_REASON if isinstance(self.input, PooledVectors) else precision.reason
         gpus = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         self.precision = {"name": precision.name, "reason": reason, "torch": self.engine.device.type, "ray_gpu_ids": gpus}
         self.metrics = ScoringBlockMetrics(**metrics) if metrics is not None else None
@@ -273,5 +300,5 @@ class InferenceActor:
         if self.metrics is not None:  # a few numbers per block, never per row
             scored = int(good.sum())
             self.metrics.record(time.perf_counter() - started, scored, batch.num_rows - scored, pred.tokens, pred.padded_tokens,
-                                {name: pred.probs[name][good] for name in self.engine.specs}, self.engine.device)
+                                {name: probs[good] for name, probs in pred.out.probs.items()}, self.engine.device)
         return out

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mtcls import InferenceEngine, MultiTaskModel, Tokens, join_texts
+from mtcls import EngineOutput, InferenceEngine, MultiTaskModel, Tokens, join_texts
 from mtcls.quantize import INT8_FILE, cached_int8, int8_file_problem
 from pipelines.artifacts import read_model_files
 from pipelines.config import ConfigError
@@ -137,24 +137,23 @@ def _cut_utf8(value: bytes) -> bytes:
 
 
 def predict_with_retry(engine: InferenceEngine, tokens: Tokens,
-                       with_pooled: bool = False) -> tuple[dict[str, np.ndarray], list[Optional[str]]]:
-    """Probabilities for every row; if the block fails, retries row by row so only bad rows fail.
+                       with_pooled: bool = False) -> tuple[EngineOutput, list[Optional[str]]]:
+    """Predictions for every row; if the block fails, retries row by row so only bad rows fail.
 
     Args:
         engine: The engine.
         tokens: The block's rows.
-        with_pooled: Also return the pooled features, under :data:`mtcls.inference.POOLED`.
+        with_pooled: Also return the pooled features.
 
     Returns:
-        ``({head: probabilities}, failures)``: probabilities (and pooled features) of failed rows
-        are NaN, and ``failures[i]`` is an error message for a failed row, None otherwise.
+        ``(output, failures)``: every array of a failed row is NaN, and ``failures[i]`` is an
+        error message for a failed row, None otherwise.
     """
     try:
         return engine.predict_tokens(tokens, with_pooled=with_pooled), [None] * len(tokens)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a per-row error, never a lost row
         log.warning("block of %d rows failed (%s); retrying row by row", len(tokens), exc)
-    out = {name: np.full((len(tokens), *shape), np.nan, np.float32)
-           for name, shape in engine.output_shapes(with_pooled).items()}
+    out = EngineOutput.filled(engine.output_shapes(with_pooled), len(tokens))
     failures: list[Optional[str]] = []
     for i, row in enumerate(tokens.rows()):
         try:
@@ -162,7 +161,6 @@ def predict_with_retry(engine: InferenceEngine, tokens: Tokens,
         except Exception as exc:  # noqa: BLE001
             failures.append(f"inference failed: {type(exc).__name__}: {exc}"[:500])
             continue
-        for name, probs in one.items():
-            out[name][i] = probs[0]
+        out.set_row(i, one)
         failures.append(None)
     return out, failures

@@ -91,5 +91,10 @@ def plan_scoring(cfg: Any, cluster: dict[str, float]) -> ScoringPlan:
     and writing can all run at once and the job never waits on a stage that cannot be scheduled.
     """
     pool = plan_resources(cfg, cluster)
+    return ScoringPlan(**vars(pool), cpu_stage_cpus=cpu_stage_cpus(cluster, pool))
+
+
+def cpu_stage_cpus(cluster: dict[str, float], pool: InferencePlan) -> float:
+    """CPUs each task of a CPU stage reserves next to the pool: 1, or 0.5 when only one CPU is left for two stages."""
     left = float(cluster.get("CPU", 1)) - pool.num_actors * pool.num_cpus
-    return ScoringPlan(**vars(pool), cpu_stage_cpus=1.0 if left >= 2 else 0.5)
+    return 1.0 if left >= 2 else 0.5

@@ -90,6 +90,12 @@ def init_ray(verbose: Optional[bool] = None) -> None:
         _quiet_process(build=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # Ray Data 2.60 lists Parquet footers with a pool of 32 actors per read, whatever the
+        # cluster's size: on a laptop that is 32 worker processes started for one small read (and
+        # the raylet's "worker processes have been started" warning). A local cluster gets one
+        # per CPU; the variable is inherited by the cluster's processes.
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(2, min(32, os.cpu_count() or 2))))
     context = ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if loud else logging.WARNING,
                        runtime_env=_runtime_env(loud))
     data_progress(loud)
@@ -154,6 +160,12 @@ def worker_setup() -> None:
         return
     try:
         _quiet_process(build=False)
+        import ray
+
+        # Ray Train 2.60 logs each report ("Reporting training result ...") at INFO on a logger
+        # named by its file path, outside "ray.train", so its LoggingConfig cannot quiet it.
+        logging.getLogger(os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
+                                       "context.py")).setLevel(logging.WARNING)
     except Exception:  # noqa: BLE001
         pass
 
@@ -170,7 +182,8 @@ def _runtime_env(loud: bool) -> dict[str, Any]:
     env = {VERBOSE_ENV: "1" if loud else "0"}
     if os.environ.get(_RAY_DATA_CONFIG_ENV):
         env[_RAY_DATA_CONFIG_ENV] = os.environ[_RAY_DATA_CONFIG_ENV]
-    return {"worker_process_setup_hook": f"{__name__}.worker_setup", "env_vars": env}
+    # Nothing to install: workers need not wait for Ray's runtime-env agent at job start.
+    return {"worker_process_setup_hook": f"{__name__}.worker_setup", "env_vars": env, "config": {"eager_install": False}}
 
 
 def _quiet_process(build: bool) -> None:

@@ -212,8 +212,6 @@ def test_jobs_never_import_each_other():
     assert not chains, "a job imports another job:\n" + _describe(chains)
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines.demo <-> pipelines.train: pipelines.demo.default_model trains with "
-                                       "pipelines.train, and pipelines.train.run falls back to the demo corpus")
 def test_no_import_cycle_between_pipelines_subpackages():
     found = cycles(graph(EDGES, pipelines_package))
     assert not found, "import cycles between pipelines subpackages:\n" + _describe_cycles(found)

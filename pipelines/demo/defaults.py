@@ -1,7 +1,9 @@
-"""The embedded defaults a job falls back on: the demo corpus's test split and the default model.
+"""The embedded defaults a job falls back on: the demo corpus (its test split to score or
+evaluate, its train split to train on) and the default model.
 
-Jobs resolve them (``jobs.score``, ``jobs.evaluate``), so ``run_score`` and ``run_evaluate`` never
-import this package, nor through it the training code that builds the default model.
+Jobs resolve them (``jobs.score``, ``jobs.evaluate``, ``jobs.train``), so no ``run_<job>`` imports
+this package: scoring and evaluation never reach the training code that builds the default model,
+and training does not depend on the demo.
 """
 
 from __future__ import annotations
@@ -35,3 +37,14 @@ def with_embedded_defaults(cfg: C, data_key: str) -> C:
 
         update["model"] = str(default_model_dir())
     return cfg.model_copy(update=update) if update else cfg
+
+
+def with_demo_training_data(cfg: C) -> C:
+    """A training config with an empty ``train`` set to the demo corpus's train split (and the demo heads if none are given)."""
+    if getattr(cfg, "train"):
+        return cfg
+    from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
+
+    corpus = default_corpus_dir()
+    log.info("no training data given: the embedded demo corpus %s", corpus)
+    return cfg.model_copy(update={"train": [str(corpus / "train.parquet")], "heads": getattr(cfg, "heads") or [dict(h) for h in DEFAULT_HEADS]})

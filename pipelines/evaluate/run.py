@@ -25,7 +25,7 @@ from pipelines.blocks import PRECISION, PRECISION_TYPE
 from pipelines.inference import shipped_model_files
 from pipelines.sink.schema import output_schema
 from pipelines.tokenize import ship_tokenizer, tokenize_stage
-from pipelines.resources import InferencePlan, plan_inference
+from pipelines.resources import InferencePlan, cpu_stage_cpus, plan_inference
 from pipelines.runtime import data_progress, init_ray
 from pipelines.sink.completion import require_complete
 from pipelines.storage import (InputError, column_names, inspect_parquet, list_parquet_files, locate, redact_uris,
@@ -89,11 +89,12 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_
     in_schema, _ = inspect_parquet(loc, files, needed)
     model_config = MultiTaskConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stage_cpus = cpu_stage_cpus(ray.cluster_resources(), plan)
     schema = output_schema(specs, pa.schema([in_schema.field(c) for c in kept]), {}, cfg.text_columns)
     carried = pa.schema([*schema, pa.field(PRECISION, PRECISION_TYPE)])
     ds = ray.data.read_parquet(files, filesystem=loc.arrow_fs()).select_columns(needed)
     ds = ds.map_batches(
-        tokenize_stage, batch_format="pyarrow", num_cpus=plan.cpu_stage_cpus,
+        tokenize_stage, batch_format="pyarrow", num_cpus=stage_cpus,
         fn_kwargs=dict(keep=kept, text_columns=cfg.text_columns, separator=text_separator(model_config, tokenizer),
                        max_length=max_length, tokenizer_ref=[ray.put(ship_tokenizer(model_dir))]),
     )
@@ -106,7 +107,7 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
     per_block = ds.map_batches(
-        scored_block_statistics, batch_format="pyarrow", batch_size=None, num_cpus=plan.cpu_stage_cpus,
+        scored_block_statistics, batch_format="pyarrow", batch_size=None, num_cpus=stage_cpus,
         fn_kwargs=dict(specs=[s.to_dict() for s in specs], label_columns=label_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins),
     )
     blocks = [r["stats"] for r in per_block.take_all()]

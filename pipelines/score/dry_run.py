@@ -122,7 +122,6 @@ def _estimate(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
     import torch
 
     from pipelines.actor import InferenceActor, ScoredColumns
-    from pipelines.inference import shipped_model_files
 
     first = pending[0]
     files = list(plan.inputs)
@@ -135,7 +134,7 @@ def _estimate(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
         read_s = time.perf_counter() - started
         internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, PRECISION_TYPE)]
         carried = pa.schema(list(plan.schema) + internal, metadata=plan.schema.metadata)
-        actor = InferenceActor([shipped_model_files(plan.model_dir, cfg.precision)], inputs, ScoredColumns(carried), **engine)
+        actor = InferenceActor([plan.model_files], inputs, ScoredColumns(carried), **engine)
         warm = min(WARMUP_ROWS, max(block.num_rows - 1, 0))
         if warm:
             actor(block.slice(0, warm))

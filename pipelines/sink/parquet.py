@@ -102,6 +102,11 @@ class ParquetSink(Sink):
                 f"output directory {redact_uri(self.loc.uri())!r} is not empty and was not written by mtcls; "
                 "choose another output or set overwrite=true"
             )
+        if fs.exists(self.loc.join("_delta_log").path):
+            raise InputError(
+                f"output {redact_uri(self.loc.uri())!r} is a Delta table: score into it with output_format=delta, "
+                "choose another output, or set overwrite=true to replace it with a Parquet directory"
+            )
 
     def prepare(self, overwrite: bool) -> None:
         """Empties the directory on ``overwrite`` (keeping the lock), and clears leftover staging."""

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from mtcls import MultiTaskModel
+from mtcls.precision import training_autocast
 from pipelines.progress import TrainingProgress
 from pipelines.train.batches import epoch_seed, in_groups, length_grouped
 from pipelines.train.loop_config import LoopConfig
-from pipelines.train.precision import training_autocast
 from pipelines.train.step import FeatureHeads, accumulate_gradients, micro_batch, micro_batch_rows
 from pipelines.train.validation import Validation, validate
 

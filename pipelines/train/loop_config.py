@@ -45,7 +45,7 @@ class LoopConfig:
         batch_size: Rows per micro-batch on each worker (validation reads twice as many at once).
         gradient_accumulation: Micro-batches per optimizer step.
         warmup_ratio: Share of the steps with a linear warm-up (then a linear decay).
-        precision: Training's ``precision`` key (:func:`pipelines.train.precision.training_autocast`).
+        precision: Training's ``precision`` key (:func:`mtcls.precision.training_autocast`).
         max_grad_norm: Gradient clipping (0 = off).
         early_stopping_patience: Stop after this many epochs without improvement (0 = off).
         best_metric: The validation metric that picks the best epoch.

@@ -24,7 +24,7 @@ import torch
 from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, text_separator
 from mtcls.profile import REFERENCE_FILE, reference_document
 from pipelines.artifacts import check_model_target, localize_model, publish_model_dir, read_model_files
-from pipelines.demo.corpus import DEFAULT_HEADS, default_corpus_dir
+from pipelines.config import ConfigError
 from pipelines.runtime import init_ray, ray_train_logging
 from pipelines.storage import locate, redact_uri, write_json
 from pipelines.train.plots import plot_history
@@ -56,15 +56,16 @@ def build_initial_model(cfg: TrainConfig, specs: list, target: Path, tokenizer: 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Trains and exports the best model; starts a local Ray if none is running.
 
-    Empty ``train`` trains on the embedded demo corpus (with the demo heads if none are given).
+    ``train`` must be given (``jobs.train`` fills in the embedded demo corpus when it is empty).
 
     Returns:
         The training summary (also written to ``<output>/training_summary.json``).
+
+    Raises:
+        ConfigError: ``train`` is empty.
     """
     if not cfg.train:
-        corpus = default_corpus_dir()
-        cfg = cfg.model_copy(update={"train": [str(corpus / "train.parquet")], "heads": cfg.heads or DEFAULT_HEADS})
-        log.info("no training data given: the embedded demo corpus %s", corpus)
+        raise ConfigError("key 'train': run_train needs training data (jobs.train fills in the embedded demo corpus)")
     check_model_target(cfg.output)  # refuse a directory that is not a model's before training, not after
     init_ray(cfg.verbose)
     started = time.time()

@@ -29,7 +29,6 @@ import torch
 
 from mtcls import HeadSpec, InferenceEngine, MultiTaskModel, Tokens, head_report, head_statistics
 from mtcls.calibration import calibrate_spec, calibrated_probabilities, calibration_report, uncalibrate_spec
-from mtcls.inference import logits_key
 from mtcls.metrics import empty_statistics, merge_statistics
 from mtcls.modeling import head_probabilities
 from mtcls.thresholds import best_thresholds, threshold_histograms
@@ -127,7 +126,7 @@ def validation_logits(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpe
         else:
             out = engine.predict_tokens(Tokens.from_rows([batch["input_ids"][i] for i in mine]), batches=[np.arange(len(mine))])
         for spec in specs:
-            logits[spec.name].append(torch.from_numpy(out[logits_key(spec.name)]))
+            logits[spec.name].append(torch.from_numpy(out.logits[spec.name]))
             labels[spec.name].append(np.stack([batch[f"y_{spec.name}"][i] for i in mine]))
     return {n: (torch.cat(logits[n]), np.concatenate(labels[n])) for n in logits if logits[n]}
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from pipelines.config import ConfigError, load_config
 from pipelines.train.config import TrainConfig
-from pipelines.train.features import tokens_of
+from pipelines.actor import read_tokens
 from tests.pipelines.test_training import make_rows, train
 
 # Dropout in both heads and fusion of the first head's probabilities into the second: the cached
@@ -67,6 +67,8 @@ def test_cache_features_is_validated_and_defaults_to_freeze_encoder():
 
 def test_token_ids_of_a_sliced_arrow_column():
     column = pa.chunked_array([pa.array([[1, 2], [3], [4, 5, 6], [7]], pa.list_(pa.int32())).slice(1, 3)])
-    tokens = tokens_of(column)
+    tokens = read_tokens(column)
     assert [r.tolist() for r in tokens.rows()] == [[3], [4, 5, 6], [7]]
     assert tokens.lengths.tolist() == [1, 3, 1]
+    picked = read_tokens(pa.array([[1, 2], None, [4, 5, 6]], pa.list_(pa.int32())), rows=[2, 1])
+    assert [r.tolist() for r in picked.rows()] == [[4, 5, 6], []]

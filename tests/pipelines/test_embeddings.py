@@ -12,7 +12,6 @@ import torch
 from transformers import AutoTokenizer
 
 import mtcls
-from mtcls.inference import POOLED
 from mtcls.quantize import int8_unavailable
 from pipelines.config import ConfigError, load_config
 from pipelines.inference import predict_with_retry
@@ -177,20 +176,20 @@ def test_the_engine_returns_the_pooled_features_the_heads_saw(precision, tokeniz
     tokens = engine.tokenize([t + f" {i}" for i, t in enumerate(TEXTS * 4)])
     plain = engine.predict_tokens(tokens)
     both = engine.predict_tokens(tokens, with_pooled=True)
-    assert POOLED not in plain and set(both) == set(plain) | {POOLED}
-    assert both[POOLED].shape == (len(tokens), HIDDEN) and both[POOLED].dtype == np.float32
-    for name in plain:
-        np.testing.assert_array_equal(both[name], plain[name], err_msg=name)
+    assert plain.pooled is None and set(both.probs) == set(plain.probs) == set(model.specs)
+    assert both.pooled.shape == (len(tokens), HIDDEN) and both.pooled.dtype == np.float32
+    for name in plain.probs:
+        np.testing.assert_array_equal(both.probs[name], plain.probs[name], err_msg=name)
     # Input order, and exactly the features the heads were run on.
-    heads = model.forward_heads(torch.from_numpy(both[POOLED])).logits
+    heads = model.forward_heads(torch.from_numpy(both.pooled)).logits
     for name, spec in model.specs.items():
         probs = mtcls.modeling.head_probabilities(spec, heads[name].float()).detach().numpy()
-        np.testing.assert_allclose(probs, plain[name], atol=1e-2 if precision == "bf16" else 1e-5, err_msg=name)
+        np.testing.assert_allclose(probs, plain.probs[name], atol=1e-2 if precision == "bf16" else 1e-5, err_msg=name)
     if precision == "fp32":
         texts = [t + f" {i}" for i, t in enumerate(TEXTS * 4)]
-        np.testing.assert_allclose(both[POOLED], pooled_directly(model, tokenizer, texts, engine.max_length), atol=1e-5)
+        np.testing.assert_allclose(both.pooled, pooled_directly(model, tokenizer, texts, engine.max_length), atol=1e-5)
     empty = engine.predict_tokens([], with_pooled=True)
-    assert empty[POOLED].shape == (0, HIDDEN)
+    assert empty.pooled.shape == (0, HIDDEN)
 
 
 def test_predict_with_retry_gives_failed_rows_nan_features(tokenizer):
@@ -199,6 +198,7 @@ def test_predict_with_retry_gives_failed_rows_nan_features(tokenizer):
     rows = [[101, 2204, 102], [101] + [2204] * 198 + [102], [101, 2919, 102]]  # the middle row exceeds 160 positions
     out, failures = predict_with_retry(engine, mtcls.Tokens.from_rows(rows), with_pooled=True)
     assert [f is None for f in failures] == [True, False, True]
-    assert np.isnan(out[POOLED][1]).all() and np.isfinite(out[POOLED][[0, 2]]).all()
+    assert np.isnan(out.pooled[1]).all() and np.isfinite(out.pooled[[0, 2]]).all()
+    assert all(np.isnan(p[1]).all() and np.isfinite(p[[0, 2]]).all() for p in out.probs.values())
     alone = engine.predict_tokens([rows[2]], with_pooled=True)
-    np.testing.assert_allclose(out[POOLED][2], alone[POOLED][0], atol=1e-6)
+    np.testing.assert_allclose(out.pooled[2], alone.pooled[0], atol=1e-6)

@@ -13,7 +13,7 @@ import mtcls
 from jobs import evaluate as evaluate_job
 from mtcls import HeadSpec, encode_labels
 from mtcls.calibration import expected_calibration_error
-from mtcls.inference import InferenceEngine, uncalibrated_key
+from mtcls.inference import InferenceEngine
 from pipelines.config import ConfigError
 from pipelines.evaluate.report import plot_reliability, report_markdown
 from pipelines.evaluate.statistics import NO_TEMPERATURE, NO_UNCALIBRATED, block_statistics, build_report, merge_block_statistics
@@ -179,7 +179,8 @@ def test_data_path_equals_direct_predictions_measures_calibration_and_saves_tune
     # ECE with and without the temperature, from 6 blocks, equals the ECE of all scored rows at once.
     scored = [i for i in range(90) if i != 4]
     engine = InferenceEngine(model, AutoTokenizer.from_pretrained(model_dir), "fp32", with_uncalibrated=True)
-    probs, _ = engine.predict([texts[i] for i in scored])
+    out = engine.predict_tokens(engine.tokenize([texts[i] for i in scored]))
+    probs = out.probs
     cal = report["calibration"]
     for name, spec in model.specs.items():
         if name == "sphere":
@@ -189,7 +190,7 @@ def test_data_path_equals_direct_predictions_measures_calibration_and_saves_tune
         assert cal[name]["temperature"] == TEMPERATURES.get(name)
         assert cal[name]["ece"] == pytest.approx(expected_calibration_error(spec, probs[name], y), abs=1e-6)
         if name in TEMPERATURES:
-            without = expected_calibration_error(spec, probs[uncalibrated_key(name)], y)
+            without = expected_calibration_error(spec, out.uncalibrated[name], y)
             assert cal[name]["ece_without_temperature"] == pytest.approx(without, abs=1e-6)
             assert abs(cal[name]["ece"] - without) > 0.01
         else:
@@ -216,11 +217,13 @@ def test_reliability_statistics_of_blocks_merge_into_the_ece_of_all_rows(tmp_pat
         model.set_head_spec(dataclasses.replace(model.specs[name], temperature=t))
     specs = list(model.specs.values())
     ids, _, labels = random_rows(120, seed=11)
-    probs, _ = InferenceEngine(model, tokenizer, "fp32", with_uncalibrated=True).predict([f"text {i} " + "w " * (i % 9) for i in range(120)])
+    engine = InferenceEngine(model, tokenizer, "fp32", with_uncalibrated=True)
+    out = engine.predict_tokens(engine.tokenize([f"text {i} " + "w " * (i % 9) for i in range(120)]))
+    probs = dict(out.probs)
     # The engine's uncalibrated scores are the heads' probabilities without the temperature (one forward pass).
     plain, _ = InferenceEngine(tiny_model(), tokenizer, "fp32").predict([f"text {i} " + "w " * (i % 9) for i in range(120)])
-    assert set(probs) == {s.name for s in specs} | {uncalibrated_key(n) for n in TEMPERATURES}
-    uncalibrated = {n: probs.pop(uncalibrated_key(n)) for n in TEMPERATURES}
+    assert set(probs) == {s.name for s in specs} and set(out.uncalibrated) == set(TEMPERATURES)
+    uncalibrated = dict(out.uncalibrated)
     for name in TEMPERATURES:
         np.testing.assert_allclose(uncalibrated[name], plain[name], atol=1e-6)
         assert not np.allclose(probs[name], plain[name], atol=1e-3)

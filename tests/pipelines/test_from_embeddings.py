@@ -220,21 +220,20 @@ def test_heads_only_plans_cpu_actors_on_a_gpu_cluster():
 
 def test_the_engine_runs_a_subset_of_heads_and_the_heads_alone_on_pooled_features(tokenizer):
     import mtcls
-    from mtcls.inference import POOLED
 
     model = tiny_model(HEADS)
     engine = mtcls.InferenceEngine(model, tokenizer, "fp32", device="cpu", max_tokens_per_batch=64)
     tokens = engine.tokenize([t + f" {i}" for i, t in enumerate(TEXTS * 3)])
     full = engine.predict_tokens(tokens, with_pooled=True)
-    pooled = engine.predict_pooled(full[POOLED], batch_rows=4)  # several batches of the heads
-    assert set(pooled) == set(full) - {POOLED}
-    for name in pooled:
-        np.testing.assert_allclose(pooled[name], full[name], atol=1e-6, err_msg=name)
+    pooled = engine.predict_pooled(full.pooled, batch_rows=4)  # several batches of the heads
+    assert set(pooled.probs) == set(full.probs) and pooled.pooled is None
+    for name in pooled.probs:
+        np.testing.assert_allclose(pooled.probs[name], full.probs[name], atol=1e-6, err_msg=name)
     # 'type' reads 'trust' (inputs_from): trust runs, only type comes back, with the full run's values.
     sub = mtcls.InferenceEngine(model, tokenizer, "fp32", device="cpu", max_tokens_per_batch=64, heads=["type"])
     assert list(sub.specs) == ["type"] and model.heads_needed(["type"]) == ["trust", "type"]
-    for result in (sub.predict_tokens(tokens), sub.predict_pooled(full[POOLED])):
-        assert set(result) == {"type"}
-        np.testing.assert_allclose(result["type"], full["type"], atol=1e-6)
+    for result in (sub.predict_tokens(tokens), sub.predict_pooled(full.pooled)):
+        assert set(result.probs) == {"type"}
+        np.testing.assert_allclose(result.probs["type"], full.probs["type"], atol=1e-6)
     with pytest.raises(ValueError, match=r"\(N, 32\)"):
         engine.predict_pooled(np.zeros((2, 31), np.float32))
