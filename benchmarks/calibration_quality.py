@@ -17,7 +17,7 @@ evaluation job (``precision``, default fp32), which reports per head the ECE of 
 and, for the calibrated model, the ECE without the temperature too (it must equal the original
 model's ECE: a check printed as ``ece_before_check``).
 
-Targets (issue 14): ECE lower on every single-choice head, never higher on any head; macro-F1 moves
+Targets: ECE lower on every single-choice head, never higher on any head; macro-F1 moves
 by at most 0.2 points.
 """
 

@@ -1,4 +1,4 @@
-"""CPU precision: quality on real test sets and speed, fp32 against bf16 (``auto``) and int8 (issue 12).
+"""CPU precision: quality on real test sets and speed, fp32 against bf16 (``auto``) and int8.
 
     python -m benchmarks.cpu_precision --only quality --olid-model DIR --goemotions-model DIR
     python -m benchmarks.cpu_precision --only speed [--rows 3000]

@@ -1,4 +1,4 @@
-"""Scoring on a GPU machine (issue 11's `gpu` figures), printed as JSON.
+"""Scoring on a GPU machine (rows/s per GPU), printed as JSON.
 
     python -m benchmarks.gpu_throughput [--rows 100000] [--long-rows 30000] [--models minilm,bert_base] [--out gpu.json]
     python -m benchmarks.gpu_throughput --allow-cpu --rows 300 --long-rows 30 --forward-rows 50 --budgets 2048   # checks this script on a CPU
@@ -17,7 +17,7 @@ Per model, at ``precision=auto`` (bf16 autocast on a GPU with bf16):
 Models: ``minilm`` is all-MiniLM-L6-v2 + the 3 heads of ``score_throughput.py`` on GoEmotions texts
 (about 20 tokens); ``bert_base`` is a random BERT-base-sized encoder (12 layers, hidden 768) + the same
 heads on texts of 128 tokens (consecutive GoEmotions texts joined, cut at 128).
-Targets (issue 11): MiniLM >= 40,000 rows/s per H100, BERT-base (128 tokens) >= 9,000.
+Targets: MiniLM >= 40,000 rows/s per H100, BERT-base (128 tokens) >= 9,000.
 """
 
 from __future__ import annotations

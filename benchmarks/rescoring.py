@@ -1,4 +1,4 @@
-"""Heads-only rescoring (issue 13): a text run with embeddings, then the heads alone on its output, printed as JSON.
+"""Heads-only rescoring: a text run with embeddings, then the heads alone on its output, printed as JSON.
 
     python -m benchmarks.rescoring [--data ../shared/data/goemotions/test.parquet] [--small-rows 1000] [--copies 40]
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.score_throughput [--rows 4000] [--repeats 1] [--only host_ceiling,minilm,memory,progress]
 
-On GoEmotions texts (max 128 tokens), figures named as in issue 11:
+On GoEmotions texts (max 128 tokens), figures:
   host_ceiling  the scoring job's steady-state rows/s with a near-zero-cost encoder (1 layer, hidden 32,
                 MiniLM's tokenizer, 3 heads) against the bare fast tokenizer on one thread: the ceiling
                 of everything around the model (read, tokenize, batch, decode, write, commit);

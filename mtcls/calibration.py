@@ -1,4 +1,4 @@
-"""Temperature scaling: calibrated scores from one scalar per head (issue 14).
+"""Temperature scaling: calibrated scores from one scalar per head.
 
 A head with ``temperature`` T outputs the kind's probabilities of ``(logits - logit_offset) / T``
 (softmax for multiclass and grouped heads, sigmoid for binary and multilabel heads). T > 0 keeps

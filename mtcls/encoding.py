@@ -1,6 +1,6 @@
 """Text and label encoding: raw column values -> model inputs and label arrays.
 
-Text: one or several text fields per row are joined with a separator (card 004: title and/or
+Text: one or several text fields per row are joined with a separator (for example title and/or
 abstract). A row whose fields are all null, empty or whitespace, or hold a non-string value, gets an
 error message instead of a text; callers keep the row and write the message out.
 

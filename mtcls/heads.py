@@ -35,7 +35,7 @@ class HeadSpec:
             ``grouped``: the K classes every group chooses from.
         groups: ``grouped`` only: the G group names (e.g. 12 topics, each a 4-way sentiment choice).
         hidden_sizes: Sizes of an optional MLP between the pooled features and the output layer
-            (card 004 uses ``[256]``). Empty means a single linear layer.
+            (e.g. ``[256]``). Empty means a single linear layer.
         activation: MLP activation, one of ``relu``, ``gelu``, ``tanh``, ``silu``.
         dropout: Dropout applied to the head input and after each hidden layer.
         loss_weight: Weight of this head's loss in the total loss.
@@ -48,9 +48,9 @@ class HeadSpec:
         thresholds: ``binary``: the positive-class decision threshold; ``multilabel``: one per
             label or a single number for all. Values strictly in (0, 1). Default 0.5.
         cumulative_threshold: ``distribution`` only: predict the smallest set of labels whose
-            cumulative probability reaches this value (card 004). Default 0.9.
+            cumulative probability reaches this value. Default 0.9.
         inputs_from: Names of earlier heads whose probabilities are concatenated to this head's
-            input (card 000's "residual type fusion").
+            input (one head's output feeding another: "residual type fusion").
         temperature: Calibration temperature, a number > 0: the scores a model outputs are the
             kind's probabilities of ``logits / temperature`` (see :mod:`mtcls.calibration`).
             None (default): uncalibrated. Training fits it on the validation set

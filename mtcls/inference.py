@@ -27,7 +27,7 @@ from mtcls.modeling import MultiTaskModel, head_probabilities
 from mtcls.precision import Precision, resolve_precision
 from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
 
-#: Token budgets per forward pass. CPU: measured (benchmarks/RESULTS.md, issue 11): 1024-2048 tokens are
+#: Token budgets per forward pass. CPU: measured (benchmarks/RESULTS.md, MiniLM on 2 cores): 1024-2048 tokens are
 #: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent; the sweep in
 #: benchmarks/gpu_throughput.py is what should set it); large batches.
 DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}

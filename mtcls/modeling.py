@@ -163,7 +163,7 @@ class MultiTaskModel(PreTrainedModel):
             self.register_buffer(f"_{attr}_{spec.name}", tensor, persistent=False)
 
     def add_head(self, spec: Union[HeadSpec, dict]) -> None:
-        """Adds a freshly initialised head, keeping every existing weight (card 001).
+        """Adds a freshly initialised head, keeping every existing weight (for example a head for a new dataset on an encoder already trained).
 
         Args:
             spec: The new head; its ``inputs_from`` may name existing heads.
@@ -194,7 +194,7 @@ class MultiTaskModel(PreTrainedModel):
         self.config.heads = [spec.to_dict() if h["name"] == spec.name else h for h in self.config.heads]
 
     def freeze_encoder(self, frozen: bool = True) -> None:
-        """Stops (or restarts) gradient updates to the encoder (card 004 trains only the head)."""
+        """Stops (or restarts) gradient updates to the encoder (to train only the heads)."""
         for p in self.encoder.parameters():
             p.requires_grad = not frozen
 

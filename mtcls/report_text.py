@@ -1,4 +1,4 @@
-"""Markdown building blocks for evaluation reports (the model cards' tables)."""
+"""Markdown building blocks for evaluation reports (per-head tables: per-label precision, recall, F1, support, confusion matrix)."""
 
 from __future__ import annotations
 

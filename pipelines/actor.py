@@ -256,7 +256,7 @@ class InferenceActor:
             actor's device for this training ``precision`` key (:func:`mtcls.precision.training_autocast`;
             the cached-feature pass), instead of an inference ``precision``.
         metrics: Record per-block metrics: :class:`pipelines.metrics.ScoringBlockMetrics` arguments
-            (``tags``, ``stats``); None: none.
+            (``tags``, ``stats_key``); None: none.
         **engine_kwargs: :meth:`mtcls.InferenceEngine.load` arguments (``torch_threads``,
             ``precision``, ``max_length``, ``heads``, ...), over the input's defaults.
     """

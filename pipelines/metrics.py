@@ -12,9 +12,10 @@ Where each figure is recorded, so that none costs per-row Python work:
   committed, rows still pending, rows/s over the last minute;
 - rank 0 of training, once per optimizer step (:class:`TrainingMetrics`): loss, examples/s, step time.
 
-The actors also add their per-block figures to a :class:`ScoringStats` actor, whose totals the
-manifest keeps (its ``metrics`` section). Recording never fails a job: a metric that cannot be
-recorded (no Ray, metrics disabled) is dropped with one debug line.
+Each inference actor also keeps its running totals in Ray's key-value store (one small write per
+block, no extra process), which the driver adds up into the manifest's ``metrics`` section
+(:func:`collect_scoring_stats`). Recording never fails a job: a metric that cannot be recorded (no
+Ray, metrics disabled) is dropped with one debug line.
 """
 
 from __future__ import annotations
@@ -112,80 +113,67 @@ def score_tags(job: str, output: str) -> dict[str, str]:
     return {"job": job, "output": output}
 
 
-class ScoringStats:
-    """Ray actor (``num_cpus=0``) adding up the inference actors' per-block figures for the manifest."""
-
-    def __init__(self) -> None:
-        self.totals = {"blocks": 0, "rows_scored": 0, "rows_errored": 0, "tokens": 0, "padded_tokens": 0,
-                       "block_seconds_sum": 0.0, "block_seconds_max": 0.0, "gpu_memory_max_bytes": None}
-
-    def add(self, figures: dict[str, Any]) -> None:
-        """Adds one block's figures."""
-        t = self.totals
-        t["blocks"] += 1
-        for key in ("rows_scored", "rows_errored", "tokens", "padded_tokens"):
-            t[key] += int(figures.get(key) or 0)
-        t["block_seconds_sum"] += figures["seconds"]
-        t["block_seconds_max"] = max(t["block_seconds_max"], figures["seconds"])
-        if figures.get("gpu_memory_bytes") is not None:
-            t["gpu_memory_max_bytes"] = max(t["gpu_memory_max_bytes"] or 0, figures["gpu_memory_bytes"])
-
-    def summary(self) -> dict[str, Any]:
-        """The totals, with the padding fraction and the mean block latency."""
-        t = dict(self.totals)
-        t["padding_fraction"] = round(1 - t["tokens"] / t["padded_tokens"], 4) if t["padded_tokens"] else None
-        t["block_seconds_mean"] = round(t.pop("block_seconds_sum") / t["blocks"], 4) if t["blocks"] else None
-        t["block_seconds_max"] = round(t["block_seconds_max"], 4)
-        return t
+#: Namespace of the actors' per-run totals in Ray's key-value store (GCS).
+STATS_NAMESPACE = "mtcls_scoring_stats"
+_SUMMED = ("blocks", "rows_scored", "rows_errored", "tokens", "padded_tokens", "block_seconds_sum")
 
 
-def start_scoring_stats() -> Any:
-    """A :class:`ScoringStats` actor for this run (None if it cannot start: the manifest then lacks those figures)."""
-    try:
-        import ray
+def new_stats_key() -> str:
+    """A fresh key prefix under which one run's inference actors keep their totals."""
+    import uuid
 
-        return ray.remote(num_cpus=0, max_restarts=0)(ScoringStats).remote()
-    except Exception as exc:  # noqa: BLE001
-        log.warning("scoring statistics actor not started (%s): the manifest's metrics lack the actors' figures", exc)
-        return None
+    return f"run-{uuid.uuid4().hex}/"
 
 
-def scoring_stats_summary(stats: Any, expect_rows: int = 0, wait_s: float = 5.0) -> dict[str, Any]:
-    """The totals of a :class:`ScoringStats` actor, then ends it.
+def collect_scoring_stats(prefix: Optional[str]) -> dict[str, Any]:
+    """Adds up the totals the run's inference actors left under ``prefix``, then removes them.
 
-    The actors send their figures without waiting, so the last blocks' may still be on the way:
-    this waits up to ``wait_s`` seconds for the totals to reach ``expect_rows`` rows.
+    Each actor (a restarted one under a new key) rewrites its running totals after every block,
+    before it returns the block, so everything the driver has seen committed is counted; a block
+    scored twice (a retried task) counts twice.
+
+    Returns:
+        ``blocks``, ``rows_scored``, ``rows_errored``, ``tokens``, ``padded_tokens``,
+        ``padding_fraction``, ``block_seconds_mean``, ``block_seconds_max``,
+        ``gpu_memory_max_bytes`` (None without a GPU); empty if the store cannot be read.
     """
-    if stats is None:
+    if prefix is None:
         return {}
-    import time
+    import json
 
-    import ray
-
-    deadline = time.monotonic() + wait_s
     try:
-        while True:
-            summary = ray.get(stats.summary.remote(), timeout=30)
-            if summary["rows_scored"] + summary["rows_errored"] >= expect_rows or time.monotonic() > deadline:
-                return summary
-            time.sleep(0.1)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("scoring statistics unavailable (%s)", exc)
+        from ray.experimental import internal_kv as kv
+
+        keys = kv._internal_kv_list(prefix, namespace=STATS_NAMESPACE)
+        parts = [json.loads(kv._internal_kv_get(k, namespace=STATS_NAMESPACE)) for k in keys]
+        kv._internal_kv_del(prefix, del_by_prefix=True, namespace=STATS_NAMESPACE)
+    except Exception as exc:  # noqa: BLE001 - metrics never fail a job
+        log.warning("the inference actors' figures are unavailable (%s): the manifest's metrics lack them", exc)
         return {}
-    finally:
-        ray.kill(stats)
+    t = {k: sum(p.get(k, 0) for p in parts) for k in _SUMMED}
+    gpu = [p["gpu_memory_max_bytes"] for p in parts if p.get("gpu_memory_max_bytes") is not None]
+    return {**{k: int(t[k]) for k in _SUMMED if k != "block_seconds_sum"},
+            "padding_fraction": round(1 - t["tokens"] / t["padded_tokens"], 4) if t["padded_tokens"] else None,
+            "block_seconds_mean": round(t["block_seconds_sum"] / t["blocks"], 4) if t["blocks"] else None,
+            "block_seconds_max": round(max((p.get("block_seconds_max", 0.0) for p in parts), default=0.0), 4),
+            "gpu_memory_max_bytes": max(gpu) if gpu else None}
 
 
 class ScoringBlockMetrics:
-    """What an inference actor records per block: metrics, and its figures to the run's :class:`ScoringStats`.
+    """What an inference actor records per block: metrics, and its running totals for the manifest.
 
     Args:
         tags: :func:`score_tags` of the run.
-        stats: The run's :class:`ScoringStats` actor handle (None: metrics only).
+        stats_key: :func:`new_stats_key` of the run: the totals go to Ray's key-value store under
+            it (read by :func:`collect_scoring_stats`); None: metrics only.
     """
 
-    def __init__(self, tags: dict[str, str], stats: Any = None) -> None:
-        self.tags, self.stats = tags, stats
+    def __init__(self, tags: dict[str, str], stats_key: Optional[str] = None) -> None:
+        import uuid
+
+        self.tags = tags
+        self.key = f"{stats_key}{uuid.uuid4().hex}" if stats_key else None
+        self.totals: dict[str, Any] = {**{k: 0 for k in _SUMMED}, "block_seconds_max": 0.0, "gpu_memory_max_bytes": None}
         self._head_tags: dict[str, dict[str, str]] = {}
 
     def record(self, seconds: float, scored: int, errored: int, tokens: int, padded_tokens: int,
@@ -198,7 +186,7 @@ class ScoringBlockMetrics:
             errored: Rows with an error.
             tokens: Token ids the encoder ran on (0: heads only).
             padded_tokens: Token slots of the forward batches, padding included.
-            probs: ``{head: probabilities of the scored rows}`` (other keys are ignored by the caller).
+            probs: ``{head: probabilities of the scored rows}``.
             device: The engine's torch device (GPU memory is read on CUDA).
         """
         tags = self.tags
@@ -221,13 +209,26 @@ class ScoringBlockMetrics:
                     self._head_tags[head] = {**tags, "head": head}
                 top = float(np.nanmean(values.reshape(len(values), -1).max(axis=1)))
                 record("mtcls_score_mean_top_probability", top, self._head_tags[head])
-        if self.stats is not None:
-            try:
-                self.stats.add.remote({"rows_scored": scored, "rows_errored": errored, "tokens": tokens,
-                                       "padded_tokens": padded_tokens, "seconds": seconds, "gpu_memory_bytes": gpu})
-            except Exception as exc:  # noqa: BLE001
-                log.debug("scoring statistics not sent: %s", exc)
-                self.stats = None
+        if self.key is not None:
+            t = self.totals
+            for k, v in (("blocks", 1), ("rows_scored", scored), ("rows_errored", errored), ("tokens", tokens),
+                         ("padded_tokens", padded_tokens), ("block_seconds_sum", seconds)):
+                t[k] += v
+            t["block_seconds_max"] = max(t["block_seconds_max"], seconds)
+            if gpu is not None:
+                t["gpu_memory_max_bytes"] = max(t["gpu_memory_max_bytes"] or 0, gpu)
+            self._store()
+
+    def _store(self) -> None:
+        import json
+
+        try:
+            from ray.experimental import internal_kv as kv
+
+            kv._internal_kv_put(self.key, json.dumps(self.totals), overwrite=True, namespace=STATS_NAMESPACE)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("scoring totals not stored: %s", exc)
+            self.key = None
 
 
 class CommitMetrics:

@@ -110,10 +110,10 @@ def init_ray(verbose: Optional[bool] = None) -> None:
 def data_progress(show: bool) -> None:
     """Sets Ray Data's progress reporting of this process's executions (and of the datasets it makes).
 
-    Shown: Ray Data's defaults (bars on a terminal, logged progress otherwise). Not shown: off on a
-    terminal; elsewhere (``ray job submit``, a log file) Ray Data still logs its progress, which the
-    quiet logging config keeps in ``ray-data.log`` and off the console; workers log instead of
-    drawing distributed bars.
+    Shown: Ray Data's defaults (bars on a terminal, logged progress otherwise). Not shown: off; but
+    where a quiet job's logging config is active (:func:`init_ray`) and the output is no terminal
+    (``ray job submit``, a log file), Ray Data still logs its progress, which that config keeps in
+    ``ray-data.log`` and off the console, and workers log instead of drawing distributed bars.
 
     Args:
         show: Show Ray Data's progress on the console (``verbose`` and ``progress``).
@@ -123,8 +123,10 @@ def data_progress(show: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     if show:
         ctx.enable_progress_bars, ctx.use_ray_tqdm = True, True
+    elif os.environ.get(_RAY_DATA_CONFIG_ENV) and not _stdout_is_tty():
+        ctx.enable_progress_bars, ctx.use_ray_tqdm = True, False
     else:
-        ctx.enable_progress_bars, ctx.use_ray_tqdm = not _stdout_is_tty(), False
+        ctx.enable_progress_bars = False
 
 
 def _stdout_is_tty() -> bool:

@@ -1,4 +1,4 @@
-"""``distribution``: soft targets over K labels, KL divergence, top-1 and a cumulative-probability set (card 004)."""
+"""``distribution``: soft targets over K labels, KL divergence, top-1 and a cumulative-probability set."""
 
 from __future__ import annotations
 

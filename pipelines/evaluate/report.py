@@ -1,4 +1,4 @@
-"""Evaluation report rendering: markdown tables in the model cards' layout, confusion-matrix and
+"""Evaluation report rendering: markdown tables per head, confusion-matrix and
 reliability-diagram PNGs."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pipelines.artifacts import localize_model, model_identity
 from pipelines.blocks import PRECISION, PRECISION_TYPE, ROW, UNIT
 from pipelines.config import ConfigError, config_to_dict
 from pipelines.inference import shipped_model_files
-from pipelines.metrics import CommitMetrics, score_tags, scoring_stats_summary, start_scoring_stats
+from pipelines.metrics import CommitMetrics, collect_scoring_stats, new_stats_key, score_tags
 from pipelines.progress import Progress
 from pipelines.resources import ScoringPlan, plan_scoring
 from pipelines.runtime import data_progress, init_ray
@@ -164,7 +164,8 @@ def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
     return [h for h in model_config.head_specs() if f"{h.name}_probs" in schema.names]
 
 
-def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit], sink: Sink) -> tuple[int, dict[str, str]]:
+def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit],
+                 sink: Sink) -> tuple[int, dict[str, str], dict[str, Any]]:
     """The streaming execution.
 
     Returns:
@@ -208,11 +209,11 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
         inputs = "tokens"
         engine.update(max_length=plan.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision)
     tags = score_tags("score", redact_uri(cfg.output))
-    stats = start_scoring_stats()
+    stats_key = new_stats_key()
     ds = ds.map_batches(
         InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
         fn_constructor_kwargs=dict(files_ref=[ray.put(plan.model_files)], inputs=inputs, output=ScoredColumns(carried),
-                                   metrics=dict(tags=tags, stats=stats), **engine),
+                                   metrics=dict(tags=tags, stats_key=stats_key), **engine),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.num_actors, max_tasks_in_flight_per_actor=2),
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
     )
@@ -224,18 +225,21 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     done, used = 0, {}
     progress = Progress("score", total, unit="rows", errors="error rows", every_s=PROGRESS_EVERY_S, logger=log)
     committed = CommitMetrics(tags, total)
-    for batch in sink.iter_commits(_unwrap_input_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"))):
-        rows = int(pc.sum(batch.column("rows")).as_py() or 0)
-        errors = int(pc.sum(batch.column("errors")).as_py() or 0) if "errors" in batch.column_names else 0
-        done += rows
-        for entries in batch.column("precision").to_pylist():
-            used.update({p["name"]: p["reason"] for p in entries})
-        progress.advance(rows, errors=errors)  # per committed batch of files: no per-row work
-        committed.record(rows, errors, batch.num_rows, progress.rates()[0])
-    progress.close()
+    try:
+        for batch in sink.iter_commits(_unwrap_input_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"))):
+            rows = int(pc.sum(batch.column("rows")).as_py() or 0)
+            errors = int(pc.sum(batch.column("errors")).as_py() or 0) if "errors" in batch.column_names else 0
+            done += rows
+            for entries in batch.column("precision").to_pylist():
+                used.update({p["name"]: p["reason"] for p in entries})
+            progress.advance(rows, errors=errors)  # per committed batch of files: no per-row work
+            committed.record(rows, errors, batch.num_rows, progress.rates()[0])
+    finally:
+        progress.close()
+        actors = collect_scoring_stats(stats_key)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("Ray Data stage statistics:\n%s", ds.stats())
-    return done, used, {**committed.summary(), **scoring_stats_summary(stats, expect_rows=done)}
+    return done, used, {**committed.summary(), **actors}
 
 
 def _embedding_source(cfg: ScoreConfig, in_loc: Any, files: list[str], model_dir: Any, model_config: MultiTaskConfig) -> EmbeddingSource:

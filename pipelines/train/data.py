@@ -1,7 +1,7 @@
 """Training config and data preparation: label columns -> validated heads -> tokenized Ray Datasets.
 
 Several training files can be given; each may be labelled for some heads only (a file without a
-head's column, or a null value, is "no label" for that head: card 001, OLID). Label sets come from
+head's column, or a null value, is "no label" for that head, as in OLID). Label sets come from
 the config or are inferred from the training data. Everything is checked on the driver before a
 worker starts: a missing label column, a label outside a configured set, an empty training set, a
 validation set with no label for some head all fail here, naming the column or head.

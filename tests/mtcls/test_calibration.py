@@ -1,4 +1,4 @@
-"""Temperature scaling (issue 14): fitting, ECE, the spec field, and where calibrated scores appear."""
+"""Temperature scaling: fitting, ECE, the spec field, and where calibrated scores appear."""
 
 import dataclasses
 
