@@ -19,6 +19,7 @@ from pipelines.demo.defaults import with_embedded_defaults
 from pipelines.runtime import parse_job_args, run_job, setup_logging
 from pipelines.score import ScoreConfig, run_score
 from pipelines.score.drift import raise_on_drift
+from pipelines.sink import manifest_path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -35,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(json.dumps({"output": cfg.output, **{k: manifest[k] for k in keys},
                       "rows_per_s": round(rate, 1) if rate else None,
                       "drift_flagged": manifest.get("drift", {}).get("flagged"),
-                      "manifest": f"{cfg.output.rstrip('/')}/_manifest.json"}, indent=2))
+                      "manifest": manifest_path(cfg)}, indent=2))
     if cfg.fail_on_drift:
         raise_on_drift(manifest["drift"], cfg.output)  # after _SUCCESS: exit status 3
     return manifest

@@ -81,10 +81,11 @@ def log_start(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
     """The job's start summary: inputs, rows, pending rows, the resource plan, the output (one line)."""
     rows = sum(f.rows for f in plan.inputs.values())
     left = sum(u.pending_rows for u in pending)
-    logging.getLogger("pipelines.score").info("score %s (%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
-             "%d torch threads each, precision %s", redact_uri(cfg.input), len(plan.inputs), rows, redact_uri(cfg.output),
-             left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
-             resources.torch_threads, cfg.precision)
+    logging.getLogger("pipelines.score").info(
+        "score %s (%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
+        "%d torch threads each, precision %s", redact_uri(cfg.input), len(plan.inputs), rows, redact_uri(cfg.output),
+        left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
+        resources.torch_threads, cfg.precision)
 
 
 def _mark_committed(sink: Any, plan: Any) -> int:

@@ -39,3 +39,9 @@ def make_sink(cfg: Any, schema: pa.Schema) -> Any:
     from pipelines.sink.parquet import ParquetSink
 
     return ParquetSink(loc, lock_timeout_s=cfg.lock_timeout_s, prune_missing=cfg.prune_missing, owner=owner)
+
+
+def manifest_path(cfg: Any) -> str:
+    """Where the run's manifest is: ``<output>/_manifest.json``, or ``<table>/_mtcls/manifest.json`` for Delta."""
+    root = cfg.output.rstrip("/")
+    return f"{root}/_mtcls/manifest.json" if cfg.output_format == "delta" else f"{root}/_manifest.json"

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtcls.profile import merge_profiles
-from pipelines.sink.base import Checksums, Committed, Problem, Resume, Sink, Verification
+from pipelines.sink.base import Checksums, Committed, Problem, Resume, Sink, Verification, missing_inputs
 from pipelines.sink.completion import MANIFEST_FILE as MANIFEST
 from pipelines.sink.completion import SUCCESS_FILE as SUCCESS
 from pipelines.sink.cover import exact_cover, merge_ranges
@@ -189,22 +189,8 @@ class ParquetSink(Sink):
         return Resume(kept, stale)
 
     def _check_missing(self, files: list[Committed], inputs: dict[str, InputFile]) -> list[str]:
-        """The input files that committed files belong to but the input no longer lists.
-
-        Raises:
-            InputError: Naming them and the keys that remove their rows, unless ``prune_missing``.
-        """
-        listed = {f.uri for f in inputs.values()}
-        missing = sorted({f.commit["input"] for f in files if f.commit["input"] not in listed})
-        if missing and not self.prune_missing:
-            rows = sum(f.rows for f in files if f.commit["input"] not in listed)
-            shown = ", ".join(repr(redact_uri(m)) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise InputError(
-                f"output {redact_uri(self.loc.uri())!r} holds {rows} committed rows of {len(missing)} input file(s) that the "
-                f"input no longer lists: {shown}. Nothing was changed. Point input at the same files as before, or rerun with "
-                "prune_missing=true to remove those rows (overwrite=true removes everything)"
-            )
-        return missing
+        """:func:`pipelines.sink.base.missing_inputs` for this output."""
+        return missing_inputs(files, inputs, self.prune_missing, self.loc.uri())
 
     # --- write + commit -----------------------------------------------------------------------
 
