@@ -66,6 +66,11 @@ def setup_logging(verbose: Optional[bool] = None) -> None:
     logging.basicConfig(level=os.environ.get("MTCLS_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipelines.storage import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # credentials in a URI never reach the console
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     if not is_verbose():
         _quiet_python()
 
@@ -263,13 +268,13 @@ class JobAlert(RuntimeError):
 def run_job(main: Callable[[], Any]) -> None:
     """Runs a job's ``main``; a bad config or input exits with status 2 and a one-line message, a :class:`JobAlert` with 3."""
     from pipelines.config import ConfigError
-    from pipelines.storage import InputError
+    from pipelines.storage import InputError, redact_text
 
     try:
         main()
     except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except JobAlert as exc:
-        print(f"alert: {exc}", file=sys.stderr)
+        print(f"alert: {redact_text(str(exc))}", file=sys.stderr)
         sys.exit(3)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +102,25 @@ def redact_uri(uri: str) -> str:
     if "#" in tail:
         marks += f"#{REDACTED}"
     return f"{head}://{location}{marks}"
+
+
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>\]]+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with :func:`redact_uri` applied to every URI in it (error messages, log lines)."""
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that removes credentials from the URIs in a record's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def redact_uris(value: Any) -> Any:

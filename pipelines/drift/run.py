@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipelines.drift.config import DriftConfig
 from pipelines.sink.completion import MANIFEST_FILE, require_complete
-from pipelines.storage import InputError, locate, read_json, write_json
+from pipelines.storage import InputError, locate, read_json, redact_uri, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def run_drift(cfg: DriftConfig) -> dict[str, Any]:
             plots.append(out.uri(out.join(f"{head}_drift.png").path))
     flagged = sorted({(r["partition"], r["head"]) for r in rows if r["flagged"]})
     summary = {
-        "root": cfg.root,
-        "table": out.uri(out.join(name).path),
+        "root": redact_uri(cfg.root),
+        "table": redact_uri(out.uri(out.join(name).path)),
         "plots": plots,
         "partitions": [v for v, _ in manifests],
         "partitions_without_profile": skipped,

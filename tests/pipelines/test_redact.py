@@ -40,3 +40,17 @@ def test_nested_values_and_the_model_identity(tmp_path, tiny_model_dir):
     assert config["model"] == "s3://k:s@b/m"  # a copy
     identity = model_identity(tiny_model_dir, "s3://AKIAKEY:s3cr3t@bucket/models/tiny")
     assert identity["uri"] == "s3://bucket/models/tiny" and "s3cr3t" not in str(identity)
+
+
+def test_uris_inside_error_messages_and_log_lines_are_redacted(caplog):
+    import logging
+
+    from pipelines.storage import RedactingFilter, redact_text
+
+    text = "cannot read Parquet file 's3://AKIA:s3cr3t@bucket/in.parquet' or https://h/x?X-Amz-Signature=abc (see /tmp/p)"
+    out = redact_text(text)
+    assert "s3cr3t" not in out and "abc" not in out and "s3://bucket/in.parquet" in out and "/tmp/p" in out
+    handler = logging.StreamHandler()
+    handler.addFilter(RedactingFilter())
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "reading %s", ("s3://k:secret@b/p",), None)
+    assert handler.filters[0].filter(record) and "secret" not in record.getMessage()
