@@ -78,9 +78,25 @@ def ray_local(_ray_session):
     """
     import ray
 
+    if ray.is_initialized() and not _all_cpus_free(ray, wait_s=5.0):
+        # Something of an earlier test still holds CPUs (a training run's actors or placement groups):
+        # a scoring job would wait for them forever on 2 CPUs, so start a clean Ray.
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+
+
+def _all_cpus_free(ray, wait_s: float) -> bool:
+    import time
+
+    deadline = time.time() + wait_s
+    while True:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.25)
 
 
 @pytest.fixture(scope="session")
