@@ -155,7 +155,7 @@ def _estimate(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
         "torch_threads": resources.torch_threads,
         "rows_per_s_per_actor": round(rate, 1) if rate else None,
         "actors": resources.num_actors,
-        "seconds": round(left / (rate * resources.num_actors), 1) if rate else None,
+        "seconds": round(left / (rate * resources.num_actors), 3) if rate else None,
         "read_and_tokenize_s": round(read_s, 3),
     }
     if resources.num_gpus and device != "cuda":

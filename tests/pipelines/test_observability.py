@@ -209,7 +209,9 @@ def test_a_dry_run_on_a_fresh_output_writes_nothing(scoring_run):
     assert plan["rows_committed"] == 0 and plan["units"] == plan["units_pending"] == 4
     assert len(plan["input_files"]) == 2 and plan["resources"]["num_actors"] >= 1
     estimate = plan["estimate"]
-    assert estimate["sample_rows"] > 0 and estimate["rows_per_s_per_actor"] > 0 and estimate["seconds"] > 0
+    assert estimate["sample_rows"] > 0 and estimate["rows_per_s_per_actor"] > 0
+    expected = plan["rows_pending"] / (estimate["rows_per_s_per_actor"] * plan["resources"]["num_actors"])
+    assert estimate["seconds"] == pytest.approx(expected, rel=0.05, abs=1e-3)
 
 
 def test_a_dry_run_reads_what_is_committed_without_the_lease(scoring_run):
