@@ -68,23 +68,31 @@ def _ray_session():
         ray.shutdown()
 
 
+def local_ray():
+    """The session's local Ray with 2 CPUs (as on the CI machine): started on first use, restarted
+    when an earlier test left CPUs held (a training run's actors or placement groups), since a
+    scoring job would wait for them forever on 2 CPUs.
+
+    For module-scoped fixtures, which cannot ask for the function-scoped :func:`ray_local`.
+    """
+    import ray
+
+    if ray.is_initialized() and not _all_cpus_free(ray, wait_s=5.0):
+        ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
 @pytest.fixture()
 def ray_local(_ray_session):
-    """One local Ray with 2 CPUs (as on the CI machine) for the whole session: started on first use.
+    """:func:`local_ray` for one test.
 
     A module that needs another Ray (GPUs declared, several nodes, S3 credentials in the workers'
     environment) shuts this one down and starts its own; the next test that asks for ``ray_local``
     starts it again.
     """
-    import ray
-
-    if ray.is_initialized() and not _all_cpus_free(ray, wait_s=5.0):
-        # Something of an earlier test still holds CPUs (a training run's actors or placement groups):
-        # a scoring job would wait for them forever on 2 CPUs, so start a clean Ray.
-        ray.shutdown()
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    yield local_ray()
 
 
 def _all_cpus_free(ray, wait_s: float) -> bool:

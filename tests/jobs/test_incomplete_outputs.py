@@ -12,6 +12,7 @@ from jobs import evaluate as evaluate_job
 from pipelines.config import load_config
 from pipelines.score import ScoreConfig, run_score
 from pipelines.storage import InputError
+from tests.conftest import local_ray
 
 ROWS = 40
 TYPES = ["news", "opinion", "ad"]
@@ -20,10 +21,7 @@ TYPES = ["news", "opinion", "ad"]
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny_model_dir, _ray_session):
     """One real scoring output of the tiny model (the only scoring run of this module) and its labels."""
-    import ray
-
-    if not ray.is_initialized():  # the session's local Ray, as ``ray_local`` starts it
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    local_ray()
     tmp = tmp_path_factory.mktemp("scored")
     ids = [f"r{i:03d}" for i in range(ROWS)]
     pq.write_table(pa.table({"id": ids, "text": [f"review {i}: quick delivery" + " great" * (i % 4) for i in range(ROWS)]}),

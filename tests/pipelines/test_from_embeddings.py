@@ -11,7 +11,7 @@ import pytest
 from pipelines.config import ConfigError, load_config
 from pipelines.score import ScoreConfig, run_score
 from pipelines.storage import InputError
-from tests.conftest import ALL_KIND_HEADS, tiny_model
+from tests.conftest import ALL_KIND_HEADS, local_ray, tiny_model
 
 HIDDEN = 32  # tests/conftest.py's tiny encoder
 TEMPERATURES = {"type": 1.7, "tags": 0.6, "topic": 1.3}  # calibrated heads: heads-only must calibrate alike
@@ -43,8 +43,9 @@ def first_part(output):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tokenizer, ray_local):
+def scored(tmp_path_factory, tokenizer, _ray_session):
     """A calibrated tiny model, and a text run with embeddings over 40 rows (3 without text) in 2 input files."""
+    local_ray()
     tmp = tmp_path_factory.mktemp("from_embeddings")
     model = tiny_model(HEADS)
     model.save_pretrained(tmp / "model")
