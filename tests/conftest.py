@@ -58,6 +58,19 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_ray_per_module():
+    """Shuts the session's Ray down after each module that used it: a module's training runs can
+    leave state behind (actors, placement groups) that made the next module's scoring jobs wait
+    forever on 2 CPUs in CI."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def _ray_session():
     """Shuts down the session's local Ray at the end (see :func:`ray_local`)."""

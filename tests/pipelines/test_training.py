@@ -142,7 +142,7 @@ def _kill_the_worker_once_a_checkpoint_is_registered(storage: Path, killed: list
             return
         time.sleep(0.02)
     for actor in actors(actor_state_name="ALIVE").values():
-        if actor["ActorClassName"] == "RayTrainWorker":
+        if actor["ActorClassName"] == "RayTrainWorker" and actor["Pid"] not in (0, os.getpid()):
             os.kill(actor["Pid"], signal.SIGKILL)
             killed.append(actor["Pid"])
 
