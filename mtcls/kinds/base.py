@@ -17,7 +17,7 @@ Adding a kind: subclass :class:`HeadKind` in a module of its own, decorate it wi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +25,29 @@ import torch
 
 from mtcls.kinds.formulas import confusion_report, divide
 
-if TYPE_CHECKING:
-    from mtcls.heads import HeadSpec
-
 IGNORE_INDEX = -100
 INVALID_LABEL = -1
 Stats = dict[str, np.ndarray]
+
+
+
+class SpecFields(Protocol):
+    """What a kind reads of a head's spec: :class:`mtcls.heads.HeadSpec` has these fields (a
+    protocol, since :mod:`mtcls.heads` imports this registry)."""
+
+    name: str
+    labels: list[str]
+    groups: Optional[list[str]]
+    pos_weight: Any
+    thresholds: Any
+    cumulative_threshold: Optional[float]
+
+    @property
+    def num_labels(self) -> int: ...
+
+    @property
+    def num_groups(self) -> int: ...
+
 
 _REGISTRY: dict[str, "HeadKind"] = {}
 
@@ -154,7 +171,7 @@ class HeadKind:
     calibratable: bool = True
 
     # ---------------------------------------------------------------- spec
-    def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
+    def validate(self, spec: "SpecFields", fail: Callable[[str, str], None]) -> None:
         """Kind-specific checks of a spec; calls ``fail(field, message)`` on the first problem."""
         n = len(spec.labels)
         if self.exact_labels is not None and n != self.exact_labels:
@@ -162,39 +179,39 @@ class HeadKind:
         if n < self.min_labels:
             fail("labels", f"a {self.name} head needs at least {self.min_labels} labels, got {spec.labels}")
 
-    def num_logits(self, spec: "HeadSpec") -> int:
+    def num_logits(self, spec: "SpecFields") -> int:
         """Width of the head's output layer."""
         return spec.num_labels
 
-    def logit_shape(self, spec: "HeadSpec") -> tuple[int, ...]:
+    def logit_shape(self, spec: "SpecFields") -> tuple[int, ...]:
         """Shape of one row's logits (and probabilities)."""
         return (self.num_logits(spec),)
 
-    def thresholds(self, spec: "HeadSpec") -> list[float]:
+    def thresholds(self, spec: "SpecFields") -> list[float]:
         """Per-label decision thresholds, for tunable kinds."""
         raise NotImplementedError(f"{self.name} heads have no decision thresholds")
 
-    def threshold_labels(self, spec: "HeadSpec") -> list[str]:
+    def threshold_labels(self, spec: "SpecFields") -> list[str]:
         """The labels that ``thresholds`` refer to, in order."""
         return list(spec.labels)
 
-    def with_thresholds(self, spec: "HeadSpec", thresholds: list[float]) -> "HeadSpec":
+    def with_thresholds(self, spec: "SpecFields", thresholds: list[float]) -> "SpecFields":
         """A copy of the spec using these thresholds."""
         raise NotImplementedError(f"{self.name} heads have no decision thresholds")
 
-    def resolve_weights(self, spec: "HeadSpec", counts: list[int], total: int, sqrt: bool) -> Any:
+    def resolve_weights(self, spec: "SpecFields", counts: list[int], total: int, sqrt: bool) -> Any:
         """The numbers that ``"balanced"`` weights stand for, given label counts."""
         k = spec.num_labels
         weights = [float(total) / (k * c) if c > 0 else 1.0 for c in counts]
         return [w ** 0.5 for w in weights] if sqrt else weights
 
     # ---------------------------------------------------------------- model
-    def probabilities(self, spec: "HeadSpec", logits: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, spec: "SpecFields", logits: torch.Tensor) -> torch.Tensor:
         """Logits -> probabilities, same shape."""
         return torch.softmax(logits, dim=-1)
 
     def loss_parts(
-        self, spec: "HeadSpec", logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]
+        self, spec: "SpecFields", logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss as ``(sums, denominators)``, each a (P,) tensor of P parts.
 
@@ -204,12 +221,12 @@ class HeadKind:
         """
         raise NotImplementedError
 
-    def collate(self, spec: "HeadSpec", rows: np.ndarray) -> torch.Tensor:
+    def collate(self, spec: "SpecFields", rows: np.ndarray) -> torch.Tensor:
         """Stacked encoded labels (N, width) -> the tensor layout :meth:`loss_parts` takes."""
         return torch.as_tensor(rows.astype(np.float32)).reshape(len(rows), -1).long().reshape(-1)
 
     # ---------------------------------------------------------------- labels
-    def encode(self, spec: "HeadSpec", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
+    def encode(self, spec: "SpecFields", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
         """Raw label values -> the encoded layout (single-choice kinds: (N,) label index)."""
         index = {name: i for i, name in enumerate(spec.labels)}
         out = np.full(len(values), IGNORE_INDEX, dtype=np.int64)
@@ -218,7 +235,7 @@ class HeadKind:
                 out[i] = self.index_label(spec, index, v, i + first_row, on_unknown)
         return out
 
-    def decode_labels(self, spec: "HeadSpec", encoded: np.ndarray) -> list[Any]:
+    def decode_labels(self, spec: "SpecFields", encoded: np.ndarray) -> list[Any]:
         """Inverse of :meth:`encode`."""
         return [spec.labels[j] if j >= 0 else None for j in np.asarray(encoded).reshape(-1).tolist()]
 
@@ -226,12 +243,12 @@ class HeadKind:
         """Label names (and group names, in order of appearance) seen in a label column."""
         return {str(v) for v in values if not is_missing(v)}, []
 
-    def label_counts(self, spec: "HeadSpec", encoded: np.ndarray) -> tuple[list[int], int]:
+    def label_counts(self, spec: "SpecFields", encoded: np.ndarray) -> tuple[list[int], int]:
         """Per-label counts and labelled rows (or decisions), for ``"balanced"`` weights."""
         y = encoded[encoded >= 0]
         return [int((y == k).sum()) for k in range(spec.num_labels)], int(len(y))
 
-    def index_label(self, spec: "HeadSpec", index: dict[str, int], value: Any, row: int, on_unknown: str) -> int:
+    def index_label(self, spec: "SpecFields", index: dict[str, int], value: Any, row: int, on_unknown: str) -> int:
         """One label name -> its index, or ``INVALID_LABEL`` / :class:`LabelError` when unknown."""
         key = as_label_key(value)
         if key is not None and key in index:
@@ -241,20 +258,20 @@ class HeadKind:
         raise LabelError(f"head {spec.name!r}: row {row}: label {value!r} is not one of {spec.labels}")
 
     # ---------------------------------------------------------------- decisions and columns
-    def predict(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def predict(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         """Decisions as label indices: (N,) by default."""
         return probs.argmax(axis=-1).astype(np.int64)
 
-    def output_columns(self, spec: "HeadSpec") -> list[tuple[str, pa.DataType]]:
+    def output_columns(self, spec: "SpecFields") -> list[tuple[str, pa.DataType]]:
         """The (column, Arrow type) pairs this head adds to an output table, in order."""
         h = spec.name
         return [(f"{h}_label", pa.string()), (f"{h}_score", pa.float32()), (f"{h}_probs", pa.list_(pa.float32()))]
 
-    def full_probabilities(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def full_probabilities(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         """Probabilities as written to ``<head>_probs`` (binary adds the negative class)."""
         return probs
 
-    def decode(self, spec: "HeadSpec", probs: np.ndarray) -> dict[str, pa.Array]:
+    def decode(self, spec: "SpecFields", probs: np.ndarray) -> dict[str, pa.Array]:
         """Probabilities -> this head's output columns as Arrow arrays, vectorised."""
         h = spec.name
         full = self.full_probabilities(spec, np.asarray(probs, dtype=np.float32))
@@ -265,17 +282,17 @@ class HeadKind:
             f"{h}_probs": list_column(full, full.shape[1]),
         }
 
-    def probabilities_from_columns(self, spec: "HeadSpec", table: pa.Table) -> np.ndarray:
+    def probabilities_from_columns(self, spec: "SpecFields", table: pa.Table) -> np.ndarray:
         """Reads ``<head>_probs`` of a scoring output back into model-shaped probabilities."""
         return float_rows(table.column(f"{spec.name}_probs"), spec.num_labels)
 
     # ---------------------------------------------------------------- evaluation
-    def empty_statistics(self, spec: "HeadSpec") -> Stats:
+    def empty_statistics(self, spec: "SpecFields") -> Stats:
         """Zero statistics: the identity of merging."""
         k = spec.num_labels
         return {"confusion": zeros(k, k), "unlabelled": zeros(), "invalid": zeros()}
 
-    def statistics(self, spec: "HeadSpec", labels: np.ndarray, probs: np.ndarray) -> Stats:
+    def statistics(self, spec: "SpecFields", labels: np.ndarray, probs: np.ndarray) -> Stats:
         """Counts for one shard (single-choice kinds: a confusion matrix)."""
         stats = self.empty_statistics(spec)
         y = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -286,7 +303,7 @@ class HeadKind:
         stats["invalid"] += int(((y < 0) & (y != IGNORE_INDEX)).sum())
         return stats
 
-    def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
+    def report(self, spec: "SpecFields", stats: Stats) -> dict[str, Any]:
         """Every metric of the kind from merged statistics; ``macro`` holds the headline averages."""
         rep = confusion_report(stats["confusion"], list(spec.labels))
         rep.update(rows_labelled=int(stats["confusion"].sum()), rows_unlabelled=int(stats["unlabelled"]),
@@ -306,7 +323,7 @@ class HeadKind:
         return np.array(rep["confusion_matrix"]), rep["labels"], rep["labels"], "true", ""
 
     # ---------------------------------------------------------------- calibration
-    def calibration_nll(self, spec: "HeadSpec", logits: torch.Tensor, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def calibration_nll(self, spec: "SpecFields", logits: torch.Tensor, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the labelled entries and their count, for temperature fitting.
 
         The kind's own likelihood (softmax cross-entropy here, per group for grouped heads),
@@ -324,7 +341,7 @@ class HeadKind:
         maps, so an offset never changes a decision)."""
         return self.weight_field == "pos_weight"
 
-    def prior_offset(self, spec: "HeadSpec") -> Optional[list[float]]:
+    def prior_offset(self, spec: "SpecFields") -> Optional[list[float]]:
         """Per logit, ``log(pos_weight)``: the shift a weighted BCE trains into the logits, which
         calibration subtracts. None without positive weights (or all 1), or for other kinds."""
         w = spec.pos_weight if self.offsettable else None
@@ -333,7 +350,7 @@ class HeadKind:
         w = np.broadcast_to(np.asarray(w, np.float64), (self.num_logits(spec),))
         return None if np.all(w == 1.0) else [float(v) for v in np.log(w)]
 
-    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def reliability(self, spec: "SpecFields", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """``[(confidence, outcome)]`` pairs whose calibration error is measured (and averaged).
 
         Single-choice kinds: one pair, the top-label probability of every labelled decision (every
@@ -346,23 +363,23 @@ class HeadKind:
 
 
     # ---------------------------------------------------------------- prediction profile (drift)
-    def prediction_mix(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def prediction_mix(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         """Counts of the decisions taken on ``probs``: rows per predicted label, (K,) here."""
         return np.bincount(self.predict(spec, probs), minlength=spec.num_labels).astype(np.int64)
 
-    def decision_scores(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def decision_scores(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         """The score of every decision (flat): the probability of the predicted label (``<head>_score``)."""
         full = self.full_probabilities(spec, np.asarray(probs, dtype=np.float64))
         return np.take_along_axis(full, self.predict(spec, probs)[:, None], axis=1)[:, 0]
 
-    def mix_distributions(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+    def mix_distributions(self, spec: "SpecFields", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
         """Merged ``prediction_mix`` counts -> the distributions drift compares, by part name.
 
         Single-choice kinds: one part (``""``), the share of rows per predicted label.
         """
         return {"": divide(mix, rows)}
 
-    def mix_summary(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, Any]:
+    def mix_summary(self, spec: "SpecFields", mix: np.ndarray, rows: int) -> dict[str, Any]:
         """The prediction mix for people: ``{label: share of rows}`` here."""
         return {label: round(float(v), 6) for label, v in zip(spec.labels, divide(mix, rows))}
 

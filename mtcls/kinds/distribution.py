@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from mtcls.kinds.base import (
+from mtcls.kinds.base import (SpecFields, 
     IGNORE_INDEX, INVALID_LABEL, HeadKind, LabelError, Stats, confusion, divide, is_missing, ragged_string_column,
     register_kind, zeros,
 )
 from mtcls.spec_checks import check_probability
-
-if TYPE_CHECKING:
-    from mtcls.heads import HeadSpec
 
 DEFAULT_CUMULATIVE_THRESHOLD = 0.9
 
@@ -50,22 +47,22 @@ class Distribution(HeadKind):
     #: no temperature is fitted.
     calibratable = False
 
-    def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
+    def validate(self, spec: "SpecFields", fail: Callable[[str, str], None]) -> None:
         super().validate(spec, fail)
         if spec.cumulative_threshold is not None:
             spec.cumulative_threshold = check_probability(spec.name, "cumulative_threshold", spec.cumulative_threshold)
 
-    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def reliability(self, spec: "SpecFields", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-label pairs against the target's top label, on labelled rows."""
         y = np.asarray(labels, dtype=np.float64)
         p = np.asarray(probs, dtype=np.float64)
         ok = (y >= 0).all(axis=1)
         return [(p[ok].max(axis=1), (p[ok].argmax(axis=1) == y[ok].argmax(axis=1)).astype(np.float64))]
 
-    def cumulative_threshold(self, spec: "HeadSpec") -> float:
+    def cumulative_threshold(self, spec: "SpecFields") -> float:
         return spec.cumulative_threshold or DEFAULT_CUMULATIVE_THRESHOLD
 
-    def loss_parts(self, spec: "HeadSpec", logits: torch.Tensor, labels: torch.Tensor,
+    def loss_parts(self, spec: "SpecFields", logits: torch.Tensor, labels: torch.Tensor,
                    weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         y = labels.float()
         mask = (y >= 0).all(dim=-1)
@@ -73,10 +70,10 @@ class Distribution(HeadKind):
         total = F.kl_div(log_p, y[mask], reduction="sum")  # KL(target || model) summed over rows
         return total.reshape(1), mask.sum().to(total.dtype).reshape(1)
 
-    def collate(self, spec: "HeadSpec", rows: np.ndarray) -> torch.Tensor:
+    def collate(self, spec: "SpecFields", rows: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(rows.astype(np.float32)).reshape(len(rows), spec.num_labels)
 
-    def encode(self, spec: "HeadSpec", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
+    def encode(self, spec: "SpecFields", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
         index = {name: i for i, name in enumerate(spec.labels)}
         k = spec.num_labels
         out = np.full((len(values), k), IGNORE_INDEX, dtype=np.float32)
@@ -105,18 +102,18 @@ class Distribution(HeadKind):
             out[i] = row / row.sum()
         return out
 
-    def decode_labels(self, spec: "HeadSpec", encoded: np.ndarray) -> list[Any]:
+    def decode_labels(self, spec: "SpecFields", encoded: np.ndarray) -> list[Any]:
         return [None if (row < 0).any() else row.tolist() for row in encoded]
 
     def infer_labels(self, values: Sequence[Any]) -> tuple[set[str], list[str]]:
         raise LabelError("distribution heads need 'labels' in the config (they cannot be inferred)")
 
-    def output_columns(self, spec: "HeadSpec") -> list[tuple[str, pa.DataType]]:
+    def output_columns(self, spec: "SpecFields") -> list[tuple[str, pa.DataType]]:
         h = spec.name
         return [(f"{h}_label", pa.string()), (f"{h}_score", pa.float32()), (f"{h}_set", pa.list_(pa.string())),
                 (f"{h}_probs", pa.list_(pa.float32()))]
 
-    def decode(self, spec: "HeadSpec", probs: np.ndarray) -> dict[str, pa.Array]:
+    def decode(self, spec: "SpecFields", probs: np.ndarray) -> dict[str, pa.Array]:
         out = super().decode(spec, probs)
         full = np.asarray(probs, dtype=np.float32)
         order, sizes = cumulative_sets(full, self.cumulative_threshold(spec))
@@ -125,11 +122,11 @@ class Distribution(HeadKind):
         out[f"{spec.name}_probs"] = out.pop(f"{spec.name}_probs")  # keep the documented column order
         return out
 
-    def empty_statistics(self, spec: "HeadSpec") -> Stats:
+    def empty_statistics(self, spec: "SpecFields") -> Stats:
         return {**super().empty_statistics(spec), "kl_sum": np.zeros((), dtype=np.float64), "set_size_sum": zeros(),
                 "in_set": zeros()}
 
-    def statistics(self, spec: "HeadSpec", labels: np.ndarray, probs: np.ndarray) -> Stats:
+    def statistics(self, spec: "SpecFields", labels: np.ndarray, probs: np.ndarray) -> Stats:
         stats = self.empty_statistics(spec)
         y = np.asarray(labels, dtype=np.float64)
         probs = np.asarray(probs, dtype=np.float64)
@@ -150,7 +147,7 @@ class Distribution(HeadKind):
         stats["invalid"] += int(invalid.sum())
         return stats
 
-    def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
+    def report(self, spec: "SpecFields", stats: Stats) -> dict[str, Any]:
         rep = super().report(spec, stats)
         n = rep["rows_labelled"]
         rep["top1_accuracy"] = rep["accuracy"]

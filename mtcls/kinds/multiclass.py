@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from mtcls.kinds.base import IGNORE_INDEX, HeadKind, register_kind
+from mtcls.kinds.base import SpecFields, IGNORE_INDEX, HeadKind, register_kind
 from mtcls.spec_checks import check_positive_list
-
-if TYPE_CHECKING:
-    from mtcls.heads import HeadSpec
 
 
 def weighted_cross_entropy_parts(logits: torch.Tensor, y: torch.Tensor,
@@ -30,9 +27,9 @@ class Multiclass(HeadKind):
     name = "multiclass"
     weight_field = "class_weights"
 
-    def check_weights(self, spec: "HeadSpec", value: Any) -> Any:
+    def check_weights(self, spec: "SpecFields", value: Any) -> Any:
         return check_positive_list(spec.name, "class_weights", value, spec.num_labels)
 
-    def loss_parts(self, spec: "HeadSpec", logits: torch.Tensor, labels: torch.Tensor,
+    def loss_parts(self, spec: "SpecFields", logits: torch.Tensor, labels: torch.Tensor,
                    weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return weighted_cross_entropy_parts(logits, labels.long().reshape(-1), weights)

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from mtcls.kinds.base import (
+from mtcls.kinds.base import (SpecFields, 
     IGNORE_INDEX, INVALID_LABEL, HeadKind, LabelError, Stats, divide, float_rows, is_missing, list_column,
     per_label_reliability, ragged_string_column, register_kind, rows_line, zeros,
 )
 from mtcls.kinds.formulas import prf_from_counts
 from mtcls.spec_checks import check_positive_list, check_probability
-
-if TYPE_CHECKING:
-    from mtcls.heads import HeadSpec
 
 
 @register_kind
@@ -32,7 +29,7 @@ class Multilabel(HeadKind):
     tuned_in_training = True
     own_fields = ("thresholds",)
 
-    def validate(self, spec: "HeadSpec", fail: Callable[[str, str], None]) -> None:
+    def validate(self, spec: "SpecFields", fail: Callable[[str, str], None]) -> None:
         super().validate(spec, fail)
         t = spec.thresholds
         if isinstance(t, (list, tuple)):
@@ -42,24 +39,24 @@ class Multilabel(HeadKind):
         elif t is not None:
             spec.thresholds = check_probability(spec.name, "thresholds", t)
 
-    def check_weights(self, spec: "HeadSpec", value: Any) -> Any:
+    def check_weights(self, spec: "SpecFields", value: Any) -> Any:
         return check_positive_list(spec.name, "pos_weight", value, spec.num_labels)
 
-    def thresholds(self, spec: "HeadSpec") -> list[float]:
+    def thresholds(self, spec: "SpecFields") -> list[float]:
         t = 0.5 if spec.thresholds is None else spec.thresholds
         return [float(v) for v in t] if isinstance(t, list) else [float(t)] * spec.num_labels
 
-    def with_thresholds(self, spec: "HeadSpec", thresholds: list[float]) -> "HeadSpec":
+    def with_thresholds(self, spec: "SpecFields", thresholds: list[float]) -> "SpecFields":
         return dataclasses.replace(spec, thresholds=[float(t) for t in thresholds])
 
-    def resolve_weights(self, spec: "HeadSpec", counts: list[int], total: int, sqrt: bool) -> Any:
+    def resolve_weights(self, spec: "SpecFields", counts: list[int], total: int, sqrt: bool) -> Any:
         weights = [float(total - c) / c if 0 < c < total else 1.0 for c in counts]
         return [w ** 0.5 for w in weights] if sqrt else weights
 
-    def probabilities(self, spec: "HeadSpec", logits: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, spec: "SpecFields", logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
 
-    def loss_parts(self, spec: "HeadSpec", logits: torch.Tensor, labels: torch.Tensor,
+    def loss_parts(self, spec: "SpecFields", logits: torch.Tensor, labels: torch.Tensor,
                    weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         y = labels.float()
         mask = y != IGNORE_INDEX
@@ -68,10 +65,10 @@ class Multilabel(HeadKind):
         total = (per_entry * mask).sum()
         return total.reshape(1), mask.sum().to(total.dtype).reshape(1)
 
-    def collate(self, spec: "HeadSpec", rows: np.ndarray) -> torch.Tensor:
+    def collate(self, spec: "SpecFields", rows: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(rows.astype(np.float32)).reshape(len(rows), spec.num_labels)
 
-    def encode(self, spec: "HeadSpec", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
+    def encode(self, spec: "SpecFields", values: Sequence[Any], on_unknown: str, first_row: int) -> np.ndarray:
         index = {name: i for i, name in enumerate(spec.labels)}
         out = np.full((len(values), spec.num_labels), IGNORE_INDEX, dtype=np.float32)
         for i, v in enumerate(values):
@@ -88,53 +85,53 @@ class Multilabel(HeadKind):
                 out[i, j] = 1.0
         return out
 
-    def decode_labels(self, spec: "HeadSpec", encoded: np.ndarray) -> list[Any]:
+    def decode_labels(self, spec: "SpecFields", encoded: np.ndarray) -> list[Any]:
         return [None if (row < 0).any() else [spec.labels[j] for j in np.flatnonzero(row > 0.5)] for row in encoded]
 
     def infer_labels(self, values: Sequence[Any]) -> tuple[set[str], list[str]]:
         return {str(x) for v in values if not is_missing(v) for x in v}, []
 
-    def label_counts(self, spec: "HeadSpec", encoded: np.ndarray) -> tuple[list[int], int]:
+    def label_counts(self, spec: "SpecFields", encoded: np.ndarray) -> tuple[list[int], int]:
         rows = encoded[(encoded >= 0).all(axis=1)]
         return [int(c) for c in rows.sum(axis=0)], int(len(rows))
 
-    def predict(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def predict(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         return probs >= np.asarray(self.thresholds(spec), dtype=probs.dtype)
 
-    def output_columns(self, spec: "HeadSpec") -> list[tuple[str, pa.DataType]]:
+    def output_columns(self, spec: "SpecFields") -> list[tuple[str, pa.DataType]]:
         return [(f"{spec.name}_labels", pa.list_(pa.string())), (f"{spec.name}_probs", pa.list_(pa.float32()))]
 
-    def decode(self, spec: "HeadSpec", probs: np.ndarray) -> dict[str, pa.Array]:
+    def decode(self, spec: "SpecFields", probs: np.ndarray) -> dict[str, pa.Array]:
         probs = np.asarray(probs, dtype=np.float32)
         return {f"{spec.name}_labels": ragged_string_column(spec.labels, self.predict(spec, probs)),
                 f"{spec.name}_probs": list_column(probs, spec.num_labels)}
 
-    def probabilities_from_columns(self, spec: "HeadSpec", table: Any) -> np.ndarray:
+    def probabilities_from_columns(self, spec: "SpecFields", table: Any) -> np.ndarray:
         return float_rows(table.column(f"{spec.name}_probs"), spec.num_labels)
 
-    def prediction_mix(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def prediction_mix(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         """Rows predicted positive per label, (K,)."""
         return self.predict(spec, probs).sum(axis=0).astype(np.int64)
 
-    def decision_scores(self, spec: "HeadSpec", probs: np.ndarray) -> np.ndarray:
+    def decision_scores(self, spec: "SpecFields", probs: np.ndarray) -> np.ndarray:
         """Each row's highest label probability."""
         return np.asarray(probs, dtype=np.float64).max(axis=1)
 
-    def mix_distributions(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+    def mix_distributions(self, spec: "SpecFields", mix: np.ndarray, rows: int) -> dict[str, np.ndarray]:
         """Per label, the (positive, negative) shares of rows."""
         rates = divide(mix, rows)
         return {label: np.array([r, 1.0 - r]) for label, r in zip(spec.labels, rates)}
 
-    def mix_summary(self, spec: "HeadSpec", mix: np.ndarray, rows: int) -> dict[str, Any]:
+    def mix_summary(self, spec: "SpecFields", mix: np.ndarray, rows: int) -> dict[str, Any]:
         """``{label: share of rows predicted positive}``."""
         return {label: round(float(v), 6) for label, v in zip(spec.labels, divide(mix, rows))}
 
-    def empty_statistics(self, spec: "HeadSpec") -> Stats:
+    def empty_statistics(self, spec: "SpecFields") -> Stats:
         k = spec.num_labels
         return {"tp": zeros(k), "fp": zeros(k), "fn": zeros(k), "tn": zeros(k), "exact": zeros(), "rows": zeros(),
                 "unlabelled": zeros(), "invalid": zeros()}
 
-    def statistics(self, spec: "HeadSpec", labels: np.ndarray, probs: np.ndarray) -> Stats:
+    def statistics(self, spec: "SpecFields", labels: np.ndarray, probs: np.ndarray) -> Stats:
         stats = self.empty_statistics(spec)
         y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
         invalid_rows = (y == INVALID_LABEL).any(axis=1)
@@ -152,7 +149,7 @@ class Multilabel(HeadKind):
         stats["invalid"] += int(invalid_rows.sum())
         return stats
 
-    def report(self, spec: "HeadSpec", stats: Stats) -> dict[str, Any]:
+    def report(self, spec: "SpecFields", stats: Stats) -> dict[str, Any]:
         labels = list(spec.labels)
         rep = prf_from_counts(stats["tp"], stats["fp"], stats["fn"], labels)
         n = int(stats["rows"])
@@ -175,11 +172,11 @@ class Multilabel(HeadKind):
         m = np.array([[row["tp"], row["fn"], row["fp"], row["tn"]] for row in rep["per_label"].values()])
         return m, list(rep["per_label"]), ["TP", "FN", "FP", "TN"], "label", ""
 
-    def calibration_nll(self, spec: "HeadSpec", logits: torch.Tensor, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def calibration_nll(self, spec: "SpecFields", logits: torch.Tensor, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.collate(spec, np.asarray(labels)).to(logits.device)
         y[(y < 0).any(dim=1)] = IGNORE_INDEX  # a row with a missing or invalid label is left out, as in statistics
         sums, denominators = self.loss_parts(spec, logits, y, None)
         return sums.sum(), denominators.sum()
 
-    def reliability(self, spec: "HeadSpec", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def reliability(self, spec: "SpecFields", probs: np.ndarray, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         return per_label_reliability(probs, labels)
