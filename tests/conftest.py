@@ -82,7 +82,7 @@ def _ray_session():
 
 
 def local_ray():
-    """The session's local Ray with 2 CPUs (as on the CI machine): started on first use, restarted
+    """A local Ray with 2 CPUs (as on the CI machine): started on first use in a module, restarted
     when an earlier test left CPUs held (a training run's actors or placement groups), since a
     scoring job would wait for them forever on 2 CPUs.
 
