@@ -17,6 +17,10 @@ over the head's labels (p: partition shares, q: reference shares; both floored a
 vs negative share), grouped heads one per group; the head's PSI is the largest part. The usual
 reading: below 0.1 no real change, 0.1-0.2 a moderate one, above 0.2 a significant shift
 (``DEFAULT_DRIFT_THRESHOLD``).
+
+A PSI over few rows is mostly sampling noise (a 30-row validation split routinely gives 0.3 against
+a test split of the same distribution), so a head is only judged when both sides have at least
+``min_rows`` rows (``DEFAULT_DRIFT_MIN_ROWS``); below that its PSI is reported, never flagged.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from mtcls.heads import HeadSpec
 SCORE_BINS = 20
 PSI_FLOOR = 1e-4
 DEFAULT_DRIFT_THRESHOLD = 0.2
+#: Fewest rows, in the partition and in the reference, for a head's PSI to be judged against the threshold.
+DEFAULT_DRIFT_MIN_ROWS = 100
 #: File of a saved model that holds its reference profile.
 REFERENCE_FILE = "reference_profile.json"
 
@@ -101,12 +107,21 @@ def population_stability_index(actual: np.ndarray, expected: np.ndarray, floor: 
     return float(np.sum((p - q) * np.log(p / q)))
 
 
-def head_drift(spec: HeadSpec, head: dict[str, Any], reference: dict[str, Any], threshold: float) -> dict[str, Any]:
+def head_drift(spec: HeadSpec, head: dict[str, Any], reference: dict[str, Any], threshold: float,
+               min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> dict[str, Any]:
     """PSI of a head's prediction mix against its reference, per part and overall (the largest part).
 
+    Args:
+        spec: The head.
+        head: The partition's profile of the head.
+        reference: The reference profile of the head.
+        threshold: PSI above which the head is flagged.
+        min_rows: The head is flagged only when both sides have at least this many rows; below,
+            its PSI is reported with a ``note`` and ``flagged`` is False.
+
     Returns:
-        ``{"psi", "worst_part", "parts": {part: psi}, "flagged"}``; ``psi`` None when either side
-        has no rows.
+        ``{"psi", "worst_part", "parts": {part: psi}, "flagged"}`` (plus ``note`` when too few rows
+        were judged); ``psi`` None when either side has no rows.
     """
     if not head["rows"] or not reference["rows"]:
         return {"psi": None, "worst_part": None, "parts": {}, "flagged": False}
@@ -114,12 +129,18 @@ def head_drift(spec: HeadSpec, head: dict[str, Any], reference: dict[str, Any], 
     expected = spec.impl.mix_distributions(spec, np.asarray(reference["mix"]), reference["rows"])
     parts = {name: round(population_stability_index(actual[name], expected[name]), 6) for name in actual}
     worst = max(parts, key=parts.get)
-    return {"psi": parts[worst], "worst_part": worst or None, "parts": parts if len(parts) > 1 else {},
-            "flagged": bool(parts[worst] > threshold)}
+    result = {"psi": parts[worst], "worst_part": worst or None, "parts": parts if len(parts) > 1 else {},
+              "flagged": bool(parts[worst] > threshold)}
+    if min(head["rows"], reference["rows"]) < min_rows:
+        result["flagged"] = False
+        result["note"] = (f"not judged: {head['rows']} rows scored and {reference['rows']} in the reference; "
+                          f"drift_min_rows is {min_rows}")
+    return result
 
 
-def drift_report(specs: list[HeadSpec], partition: Profile, reference: Optional[Profile], threshold: float) -> dict[str, Any]:
-    """Per-head drift of a partition against a reference profile.
+def drift_report(specs: list[HeadSpec], partition: Profile, reference: Optional[Profile], threshold: float,
+                 min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> dict[str, Any]:
+    """Per-head drift of a partition against a reference profile (see :func:`head_drift` for ``min_rows``).
 
     Returns:
         ``{"threshold", "reference": bool, "heads": {name: head_drift}, "flagged": [names]}``;
@@ -134,8 +155,8 @@ def drift_report(specs: list[HeadSpec], partition: Profile, reference: Optional[
             heads[spec.name] = {"psi": None, "worst_part": None, "parts": {}, "flagged": False,
                                 "note": "the reference profile has a different label set"}
             continue
-        heads[spec.name] = head_drift(spec, partition[spec.name], ref, threshold)
-    return {"threshold": threshold, "reference": reference is not None, "heads": heads,
+        heads[spec.name] = head_drift(spec, partition[spec.name], ref, threshold, min_rows)
+    return {"threshold": threshold, "min_rows": min_rows, "reference": reference is not None, "heads": heads,
             "flagged": [name for name, d in heads.items() if d["flagged"]]}
 
 

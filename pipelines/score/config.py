@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from mtcls.profile import DEFAULT_DRIFT_THRESHOLD
+from mtcls.profile import DEFAULT_DRIFT_MIN_ROWS, DEFAULT_DRIFT_THRESHOLD
 from pipelines.config import ConfigError, InferencePrecision, JobConfig, check_inference_precision
 
 EmbeddingDtype = Literal["float32", "float16"]
@@ -119,6 +119,10 @@ class ScoreConfig(JobConfig):
     drift_threshold: float = Field(DEFAULT_DRIFT_THRESHOLD, description=(
         "A head whose prediction-mix PSI against the model's reference profile exceeds this is "
         "flagged in the manifest's `drift` and logged (0.2: the usual \"significant shift\" level)."))
+    drift_min_rows: int = Field(DEFAULT_DRIFT_MIN_ROWS, ge=1, description=(
+        "A head is judged for drift only when the output and the model's reference profile both have "
+        "at least this many rows; below, its PSI is reported with a note and never flagged (a PSI "
+        "over a few dozen rows is mostly sampling noise)."))
     fail_on_drift: bool = Field(False, description=(
         "After writing everything and `_SUCCESS`, exit with status 3 when a head is flagged, so a "
         "scheduler can alert."))

@@ -12,7 +12,7 @@ import logging
 from typing import Any, Optional
 
 from mtcls import HeadSpec
-from mtcls.profile import drift_report, summarize
+from mtcls.profile import DEFAULT_DRIFT_MIN_ROWS, drift_report, summarize
 from pipelines.runtime import JobAlert
 from pipelines.sink.base import Verification
 
@@ -36,14 +36,18 @@ def profile_section(specs: list[HeadSpec], verification: Verification) -> dict[s
 
 
 def drift_section(specs: list[HeadSpec], verification: Verification, reference: Optional[dict[str, Any]],
-                  threshold: float, model_uri: str) -> dict[str, Any]:
-    """The manifest's ``drift``, with a warning logged per flagged head (or once when the model has no reference)."""
+                  threshold: float, model_uri: str, min_rows: int = DEFAULT_DRIFT_MIN_ROWS) -> dict[str, Any]:
+    """The manifest's ``drift``, with a warning logged per flagged head (or once when the model has no reference).
+
+    Heads with fewer than ``min_rows`` rows scored or in the reference are reported, not flagged
+    (:func:`mtcls.profile.head_drift`).
+    """
     if reference is None:
         log.warning("model %s has no reference profile (trained before mtcls stored one): drift is not measured; "
                     "retrain it to get one", model_uri)
-        return {**drift_report(specs, verification.profile, None, threshold),
+        return {**drift_report(specs, verification.profile, None, threshold, min_rows),
                 "note": "the model has no reference profile (reference_profile.json)"}
-    report = drift_report(specs, verification.profile, reference["heads"], threshold)
+    report = drift_report(specs, verification.profile, reference["heads"], threshold, min_rows)
     report["reference_source"] = reference.get("source")
     if verification.rows_unprofiled:
         report["note"] = f"{verification.rows_unprofiled} rows were written without a profile and are not in it"

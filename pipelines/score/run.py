@@ -121,7 +121,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         if cfg.profile:
             manifest["profile"] = profile_section(heads, verification)
             manifest["drift"] = drift_section(heads, verification, load_reference(plan.model_dir), cfg.drift_threshold,
-                                              redact_uri(cfg.model))
+                                              redact_uri(cfg.model), cfg.drift_min_rows)
         sink.finish(manifest, verification)
     return manifest
 

@@ -42,7 +42,7 @@ def test_job_scores_with_a_config_and_prints_a_summary(tmp_path, tiny_model_dir)
     result = run_job(
         "--config", str(ROOT / "jobs/configs/score/default.yaml"),
         f"input={tmp_path}/in.parquet", f"output={tmp_path}/out", f"model={model}",
-        "text_columns=[title,body]", "id_column=doc", "progress=false", "fail_on_drift=true",
+        "text_columns=[title,body]", "id_column=doc", "progress=false", "fail_on_drift=true", "drift_min_rows=1",
     )
     # fail_on_drift: everything is written, then exit status 3 for the scheduler, naming the head.
     assert result.returncode == 3, result.stderr[-3000:]

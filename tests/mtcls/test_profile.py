@@ -89,4 +89,19 @@ def test_drift_flags_the_shifted_head_and_names_the_worst_part():
     assert not head_drift(topic, head_profile(topic, shifted), reference["topic"], d["psi"] + 1)["flagged"]
     other = {"type": {**reference["type"], "mix": [1, 2]}}
     assert drift_report([specs["type"]], same, other, 0.2)["heads"]["type"]["psi"] is None
-    assert drift_report(SPECS, same, None, 0.2) == {"threshold": 0.2, "reference": False, "heads": {}, "flagged": []}
+    assert drift_report(SPECS, same, None, 0.2) == {"threshold": 0.2, "min_rows": 100, "reference": False, "heads": {},
+                                                    "flagged": []}
+
+
+def test_drift_on_too_few_rows_is_reported_not_flagged():
+    rng = np.random.default_rng(3)
+    tags = next(s for s in SPECS if s.name == "tags")
+    reference = head_profile(tags, random_probs(tags, 30, rng))
+    shifted = random_probs(tags, 1000, rng)
+    shifted[:, 2] = 0.99
+    judged = head_drift(tags, head_profile(tags, shifted), reference, 0.2, min_rows=30)
+    assert judged["flagged"] and "note" not in judged
+    skipped = head_drift(tags, head_profile(tags, shifted), reference, 0.2, min_rows=31)
+    assert not skipped["flagged"] and skipped["psi"] == judged["psi"]
+    assert skipped["note"] == "not judged: 1000 rows scored and 30 in the reference; drift_min_rows is 31"
+    assert drift_report([tags], {"tags": head_profile(tags, shifted)}, {"tags": reference}, 0.2)["flagged"] == []
