@@ -57,7 +57,7 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
     import torch
     from transformers import AutoTokenizer
 
-    from mtcls import HeadSpec, MultiTaskModel, text_separator
+    from mtcls import MultiTaskModel, text_separator
     from pipelines.train.data import prepare_data
     from pipelines.train.validation import validate
 
@@ -79,7 +79,7 @@ def calibrate_like_training(dataset: str, model_dir: str, target: Path) -> dict[
     out: dict[str, Any] = {"validation_rows": data.validation.rows, "validation_seconds": timer.seconds, "heads": {}}
     for name, rep in result.reports.items():
         before = model.specs[name].thresholds
-        model.set_head_spec(HeadSpec.from_dict(rep["head"]))
+        model.set_head_spec(result.heads[name])
         out["heads"][name] = {"validation_calibration": rep.get("calibration", {}), "thresholds_before": before,
                               "thresholds_after": model.specs[name].thresholds}
     model.save_pretrained(target)

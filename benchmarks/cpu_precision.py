@@ -77,7 +77,7 @@ def speed(rows: int, threads: int) -> dict:
     model_dir = save_model(minilm_model(), tokenizer, work / "minilm")
     for name, n in (("1x", rows), ("10x", rows * 10)):
         write_corpus(repeat_to(texts, n), work / name)
-    sample = mtcls.tokenize_flat(tokenizer, texts[:: max(1, len(texts) // rows)][:rows], 128)
+    sample = mtcls.tokenize(tokenizer, texts[:: max(1, len(texts) // rows)][:rows], 128)
     out: dict = {}
     ray = start_ray()
     try:

@@ -55,7 +55,7 @@ def bert_base(tokenizer) -> mtcls.MultiTaskModel:
 def long_texts(texts: list[str], tokenizer, rows: int, pool: int = 5000) -> list[str]:
     """``rows`` texts of at least 128 tokens: consecutive short texts joined with spaces (a pool of
     ``pool`` distinct ones, cycled)."""
-    lengths = mtcls.tokenize_flat(tokenizer, texts, 10_000).lengths - 2  # without [CLS] and [SEP]
+    lengths = mtcls.tokenize(tokenizer, texts, 10_000).lengths - 2  # without [CLS] and [SEP]
     out, current, tokens = [], [], 2
     for text, n in zip(texts * 2, np.concatenate([lengths, lengths])):
         current.append(text)

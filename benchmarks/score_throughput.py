@@ -46,16 +46,16 @@ from benchmarks.harness import (
 def bench_tokenizer(tokenizer, texts: list[str]) -> float:
     """The bare fast tokenizer on one thread (batch API, truncation at 128), rows/s."""
     os.environ["RAYON_NUM_THREADS"] = "1"
-    mtcls.tokenize_flat(tokenizer, texts[:100], 128)  # warm-up
+    mtcls.tokenize(tokenizer, texts[:100], 128)  # warm-up
     with Timer() as timer:
-        mtcls.tokenize_flat(tokenizer, texts, 128)
+        mtcls.tokenize(tokenizer, texts, 128)
     return len(texts) / timer.seconds
 
 
 def bench_forward(model, tokenizer, texts: list[str], precision: str = "fp32", max_tokens: int | None = None) -> float:
     """The bare forward on every CPU (pre-tokenized rows, token-budget batches), rows/s."""
     torch.set_num_threads(os.cpu_count() or 1)
-    tokens = mtcls.tokenize_flat(tokenizer, texts, 128)
+    tokens = mtcls.tokenize(tokenizer, texts, 128)
     engine = mtcls.InferenceEngine(model, tokenizer, precision, device="cpu", max_tokens_per_batch=max_tokens)
     return forward_rows_per_s(engine, tokens)
 

@@ -11,7 +11,7 @@ from mtcls.default import default_encoder_path
 from mtcls.encoding import LabelError, decode_labels, encode_labels, join_texts, text_separator
 from mtcls.identity import encoder_identity, encoder_weights_sha256
 from mtcls.heads import BALANCED, HeadSpec, HeadSpecError, validate_heads
-from mtcls.inference import EngineOutput, InferenceEngine, Tokens, predict_probabilities, predict_texts, tokenize, tokenize_flat
+from mtcls.inference import EngineOutput, InferenceEngine, Tokens, predict_probabilities, predict_texts, tokenize
 from mtcls.kinds import HeadKind, get_kind, kind_names, register_kind
 from mtcls.losses import IGNORE_INDEX, head_loss
 from mtcls.precision import PRECISIONS, resolve_precision
@@ -44,7 +44,6 @@ __all__ = [
     "register_kind",
     "resolve_precision",
     "text_separator",
-    "tokenize_flat",
     "default_encoder_path",
     "encode_labels",
     "encoder_identity",

@@ -82,18 +82,23 @@ class MultiTaskConfig(PretrainedConfig):
 
     @property
     def max_positions(self) -> Optional[int]:
-        """The most tokens per row the encoder's position embeddings allow; None when it has no such limit.
-
-        RoBERTa-style encoders (XLM-R, CamemBERT, PhoBERT ...) number positions from
-        ``pad_token_id + 1``, so they allow ``max_position_embeddings - pad_token_id - 1``.
-        """
-        limit = self.encoder.get("max_position_embeddings") or self.encoder.get("n_positions")
-        if not isinstance(limit, int) or limit <= 0:
-            return None
-        if self.encoder.get("model_type") in _OFFSET_POSITIONS:
-            limit -= int(self.encoder.get("pad_token_id") or 0) + 1
-        return limit
+        """The most tokens per row the encoder's position embeddings allow (:func:`position_limit`)."""
+        return position_limit(self.encoder)
 
     @property
     def hidden_size(self) -> int:
         return int(self.encoder.get("hidden_size") or self.encoder.get("dim") or self.encoder["d_model"])
+
+
+def position_limit(encoder: dict[str, Any]) -> Optional[int]:
+    """The most tokens per row an encoder config (a ``to_dict()``) allows; None when it has no such limit.
+
+    RoBERTa-style encoders (XLM-R, CamemBERT, PhoBERT ...) number positions from
+    ``pad_token_id + 1``, so they allow ``max_position_embeddings - pad_token_id - 1``.
+    """
+    limit = encoder.get("max_position_embeddings") or encoder.get("n_positions")
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if encoder.get("model_type") in _OFFSET_POSITIONS:
+        limit -= int(encoder.get("pad_token_id") or 0) + 1
+    return limit

@@ -25,7 +25,7 @@ from mtcls.encoding import text_separator
 from mtcls.calibration import calibrated_probabilities
 from mtcls.modeling import MultiTaskModel, head_probabilities
 from mtcls.precision import Precision, resolve_precision
-from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8
+from mtcls.quantize import INT8_FILE, Int8Encoder, cached_int8, int8_file_problem
 
 #: Token budgets per forward pass. CPU: measured (benchmarks/RESULTS.md, MiniLM on 2 cores): 1024-2048 tokens are
 #: fastest for MiniLM on 2 cores, 4096 is 10-15% slower. GPU: not measured yet (no GPU lent; the sweep in
@@ -126,17 +126,7 @@ class Tokens:
         return cls(ids, offsets, np.zeros(len(rows), bool) if truncated is None else np.asarray(truncated, bool))
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """Tokenizes texts without padding (list form, for training data preparation and tests).
-
-    Returns:
-        ``(input_ids, truncated)``: token id lists, and a bool array, True where a text was cut.
-    """
-    tokens = tokenize_flat(tokenizer, texts, max_length)
-    return [r.tolist() for r in tokens.rows()], tokens.truncated
-
-
-def tokenize_flat(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tokens:
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tokens:
     """Tokenizes texts with the ``tokenizers`` batch API (no per-row Python objects from transformers).
 
     Args:
@@ -203,16 +193,6 @@ def token_budget_batches(lengths: np.ndarray, max_tokens: int, max_rows: int = M
     return batches
 
 
-def pad_batch(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows -> right-padded (B, T) ids and attention mask, T = the longest row."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    width = int(lengths.max())
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    ids[mask] = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
-    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
-
-
 class InferenceEngine:
     """A model, its tokenizer and how to run them: the one inference path of the project.
 
@@ -224,8 +204,9 @@ class InferenceEngine:
         max_length: Token limit; None uses the model config's ``max_seq_length``.
         max_tokens_per_batch: Token budget per forward pass; None picks the device's default.
         pad_token_id: Padding id when there is no tokenizer.
-        int8_file: For ``precision="int8"``, the quantized encoder (:mod:`mtcls.quantize`); None
-            exports it (once per model, cached).
+        int8_file: For ``precision="int8"``, the quantized encoder (:mod:`mtcls.quantize`); it must
+            record this model's encoder identity (:func:`mtcls.quantize.int8_file_problem`), else
+            ValueError. None exports it (once per model, cached).
         with_uncalibrated: :meth:`predict_tokens` also returns, for each head with a
             ``temperature``, its probabilities without it (:attr:`EngineOutput.uncalibrated`; the
             evaluation job measures calibration with and without; one forward pass gives both).
@@ -258,6 +239,8 @@ class InferenceEngine:
         self.with_logits = with_logits
         self.int8: Optional[Int8Encoder] = None
         if self.precision.quantized:
+            if int8_file is not None and (problem := int8_file_problem(Path(int8_file), self.model)):
+                raise ValueError(f"int8 file {str(int8_file)!r} {problem}; remove it (the engine then exports one)")
             self.int8 = Int8Encoder(int8_file or cached_int8(self.model), threads=torch.get_num_threads())
 
     @classmethod
@@ -289,7 +272,7 @@ class InferenceEngine:
 
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         """Texts -> :class:`Tokens` under the engine's ``max_length``."""
-        return tokenize_flat(self.tokenizer, texts, self.max_length)
+        return tokenize(self.tokenizer, texts, self.max_length)
 
     def output_shapes(self, with_pooled: bool = False) -> dict[_Key, tuple[int, ...]]:
         """Per-row shape of each array :meth:`predict_tokens` returns, by ``(part, head)`` (see :class:`EngineOutput`)."""

@@ -492,3 +492,19 @@ def format_config_help(cls: type[BaseModel], width: int = 100) -> str:
         lines.append(textwrap.fill(plain_meaning(key.meaning) or "(undocumented)", width=width, initial_indent=" " * 6,
                                    subsequent_indent=" " * 6, break_long_words=False, break_on_hyphens=False))
     return "\n".join(lines)
+
+
+def check_max_length(max_length: int, limit: Optional[int], explicit: bool) -> None:
+    """Refuses a token limit beyond the encoder's position embeddings, before any work.
+
+    Args:
+        max_length: The token limit the job would use.
+        limit: The encoder's (:func:`mtcls.configuration.position_limit`); None: no limit.
+        explicit: Whether ``max_length`` was given, or is the model's ``max_seq_length`` (key 0).
+
+    Raises:
+        ConfigError: Naming the key ``max_length``, the value and the limit.
+    """
+    if limit is not None and max_length > limit:
+        key = "max_length" if explicit else "max_length (0: the model's max_seq_length)"
+        raise ConfigError(f"key '{key}': {max_length} tokens is more than the encoder's position embeddings allow ({limit})")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mtcls import tokenize_flat
+from mtcls import tokenize
 from pipelines.blocks import IDS
 from pipelines.inference import CHARS_PER_TOKEN, texts_from_columns
 from pipelines.sink.schema import ERROR_COLUMN, TRUNCATED_COLUMN
@@ -70,7 +70,7 @@ def tokenize_block(table: pa.Table, keep: list[str], text_columns: list[str], se
         tokenizer: A fast tokenizer.
     """
     texts, ok, errors, trimmed = texts_from_columns(table, text_columns, separator, max_chars=CHARS_PER_TOKEN * max_length)
-    tokens = tokenize_flat(tokenizer, texts, max_length)
+    tokens = tokenize(tokenizer, texts, max_length)
     lengths = np.zeros(table.num_rows, dtype=np.int32)
     lengths[ok] = tokens.lengths
     offsets = np.zeros(table.num_rows + 1, dtype=np.int32)

@@ -140,3 +140,21 @@ def test_library_example_runs(capsys):
     assert all(set(tags) <= set(heads["tags"]["labels"]) for tags in columns["tags_labels"])
     assert set(columns["topic_economy_label"]) <= set(heads["topic"]["labels"])
     assert all(chosen and set(chosen) <= set(heads["sphere"]["labels"]) for chosen in columns["sphere_set"])
+
+
+def layout_section() -> str:
+    start = README.index("Layout (imports point one way")
+    return README[start:README.index("\n## ", start)]
+
+
+def test_the_layout_names_every_shared_module_and_only_files_that_exist():
+    layout = layout_section()
+    named = set(re.findall(r"`([\w/]+\.py)`", layout))
+    for folder in ("pipelines", "pipelines/sink", "deploy"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if path.name != "__init__.py":
+                assert path.name in named or f"{folder}/{path.name}" in named, f"README layout does not name {folder}/{path.name}"
+    for name in named:  # every file it names is in the tree, under one of the layout's folders
+        assert name in {p.name for p in ROOT.rglob(Path(name).name) if ".venv" not in p.parts} or (ROOT / name).exists(), name
+    for folder in re.findall(r"`([\w]+(?:/[\w]+)*)/`", layout):
+        assert (ROOT / folder).is_dir() or (ROOT / "pipelines" / folder).is_dir() or (ROOT / "mtcls" / folder).is_dir(), folder

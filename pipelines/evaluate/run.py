@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from mtcls import HeadSpec, MultiTaskConfig, text_separator
 from pipelines.artifacts import export_model, localize_model, model_identity
-from pipelines.config import ConfigError, config_to_dict
+from pipelines.config import ConfigError, check_max_length, config_to_dict
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.report import plot_confusion, plot_reliability, report_markdown
 from pipelines.evaluate.statistics import (
@@ -154,7 +154,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               "(or predictions= and labels=); jobs.evaluate fills in the embedded default")
         model_uri = cfg.model
         model_dir = localize_model(model_uri)
-        specs = MultiTaskConfig.from_pretrained(model_dir).head_specs()
+        model_config = MultiTaskConfig.from_pretrained(model_dir)
+        specs = model_config.head_specs()
+        max_length = cfg.max_length or model_config.max_seq_length
+        check_max_length(max_length, model_config.max_positions, bool(cfg.max_length))
         identity = model_identity(model_dir, model_uri)
         model_files = shipped_model_files(model_dir, cfg.precision)
 
@@ -165,7 +168,6 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     else:
         plan = plan_inference(ray.cluster_resources(), num_actors=cfg.num_actors,
                               num_gpus_per_actor=0 if cfg.precision == "int8" else -1)
-        max_length = cfg.max_length or MultiTaskConfig.from_pretrained(model_dir).max_seq_length
         totals, details = evaluate_data(cfg, specs, model_dir, [ray.put(model_files)], max_length, plan)
 
     report = build_report(specs, totals, details["label_columns"], cfg.tune_thresholds)

@@ -27,7 +27,7 @@ from mtcls.profile import load_reference
 from pipelines.actor import InferenceActor, ScoredColumns
 from pipelines.artifacts import localize_model, model_identity
 from pipelines.blocks import PRECISION, PRECISION_TYPE, ROW, UNIT
-from pipelines.config import ConfigError, config_to_dict
+from pipelines.config import ConfigError, check_max_length, config_to_dict
 from pipelines.inference import shipped_model_files
 from pipelines.metrics import CommitMetrics, collect_scoring_stats, new_stats_key, score_tags
 from pipelines.progress import Progress
@@ -136,10 +136,7 @@ def _plan(cfg: ScoreConfig) -> _Plan:
     model_config = MultiTaskConfig.from_pretrained(model_dir)
     specs = selected_heads(model_config.head_specs(), cfg.heads)
     max_length = cfg.max_length or model_config.max_seq_length
-    limit = model_config.max_positions
-    if limit is not None and max_length > limit:
-        key = "max_length" if cfg.max_length else "max_length (0: the model's max_seq_length)"
-        raise ConfigError(f"key {key!r}: {max_length} tokens is more than the encoder's position embeddings allow ({limit})")
+    check_max_length(max_length, model_config.max_positions, bool(cfg.max_length))
     source = _embedding_source(cfg, in_loc, files, model_dir, model_config) if cfg.from_embeddings else None
     needed = list(dict.fromkeys([*passthrough, *(cfg.text_columns if source is None else [])]))
     in_schema, _ = inspect_parquet(in_loc, files, needed)

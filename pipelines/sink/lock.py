@@ -142,11 +142,11 @@ class OutputLock:
             RuntimeError: If this object already holds it.
         """
         if self._record is not None:
-            raise RuntimeError(f"the lock on {self.loc.uri()!r} is already held by this object")
+            raise RuntimeError(f"the lock on {redact_uri(self.loc.uri())!r} is already held by this object")
         if not self._store.atomic:
             log.warning(
                 "output %s is on a store without conditional writes (%s): its lock is best effort and "
-                "exactly one writer is not guaranteed", self.loc.uri(), self.loc.protocol,
+                "exactly one writer is not guaranteed", redact_uri(self.loc.uri()), self.loc.protocol,
             )
         for _ in range(_CAS_ATTEMPTS):
             snap = self._store.read()
@@ -158,7 +158,7 @@ class OutputLock:
                 if snap.held:
                     why = ("its process is gone" if _dead_here(snap.record or {})
                            else f"no heartbeat for {snap.age_s or 0:.0f} s")
-                    log.warning("took over the lock on %s from %s: %s", self.loc.uri(), _describe(snap.record), why)
+                    log.warning("took over the lock on %s from %s: %s", redact_uri(self.loc.uri()), _describe(snap.record), why)
                 self._start(record, version)
                 return self
             # Another job changed the lock since it was read: look again.
@@ -176,7 +176,7 @@ class OutputLock:
             if self._lost_reason is None:
                 self._release_on_store()
             else:
-                log.warning("not releasing the lock on %s: %s", self.loc.uri(), self._lost_reason)
+                log.warning("not releasing the lock on %s: %s", redact_uri(self.loc.uri()), self._lost_reason)
             self._record = None
             self._version = None
 
@@ -188,12 +188,12 @@ class OutputLock:
         """
         with self._mutex:
             if self._record is None:
-                raise LockLostError(f"the lock on output {self.loc.uri()!r} is not held")
+                raise LockLostError(f"the lock on output {redact_uri(self.loc.uri())!r} is not held")
             if self._lost_reason is None:
                 self._verify()
             if self._lost_reason is not None:
                 raise LockLostError(
-                    f"lost the lock on output {self.loc.uri()!r}: {self._lost_reason}; "
+                    f"lost the lock on output {redact_uri(self.loc.uri())!r}: {self._lost_reason}; "
                     "another job may be writing there, so this job must not commit"
                 )
 
@@ -204,7 +204,7 @@ class OutputLock:
             LockLostError: If the lock is not held.
         """
         if self._record is None:
-            raise LockLostError(f"the lock on output {self.loc.uri()!r} is not held")
+            raise LockLostError(f"the lock on output {redact_uri(self.loc.uri())!r} is not held")
         return Fence(self.loc, self._record["token"])
 
     def __enter__(self) -> OutputLock:
@@ -241,7 +241,7 @@ class OutputLock:
         left = max(0.0, limit - age)
         at = (datetime.now(timezone.utc) + timedelta(seconds=left)).isoformat(timespec="seconds").replace("+00:00", "Z")
         message = (
-            f"output {self.loc.uri()!r} is locked by another job: {_describe(record)}; its last heartbeat "
+            f"output {redact_uri(self.loc.uri())!r} is locked by another job: {_describe(record)}; its last heartbeat "
             f"was {age:.0f} s ago, so if that job has died the lock may be taken over in {left:.0f} s "
             f"(at {at}, after {limit:.0f} s without a heartbeat). Lock file: {self._store.where(snap.version)}"
         )
@@ -273,7 +273,8 @@ class OutputLock:
                 self._on_beat_error(exc)
                 return
             if version is None:
-                self._mark_lost("another job took it over (this job's heartbeat had stopped for longer than the timeout)")
+                self._mark_lost(f"it now belongs to {_holder(self._store.read())} (this job's heartbeat had stopped "
+                                "for longer than the timeout)")
             else:
                 self._record, self._version, self._beat_at = record, version, time.monotonic()
 
@@ -282,18 +283,17 @@ class OutputLock:
         if silent > self.timeout_s:
             self._mark_lost(f"its heartbeat could not be renewed for {silent:.0f} s ({type(exc).__name__}: {exc})")
         else:
-            log.warning("could not renew the lock on %s (will retry): %s: %s", self.loc.uri(), type(exc).__name__, exc)
+            log.warning("could not renew the lock on %s (will retry): %s: %s", redact_uri(self.loc.uri()), type(exc).__name__, exc)
 
     def _mark_lost(self, reason: str) -> None:
         self._lost_reason = reason
-        log.error("lost the lock on output %s: %s", self.loc.uri(), reason)
+        log.error("lost the lock on output %s: %s", redact_uri(self.loc.uri()), reason)
 
     def _verify(self) -> None:
         snap = self._store.read()
         assert self._record is not None
         if snap.version != self._version or (snap.record or {}).get("token") != self._record["token"]:
-            holder = _describe(snap.record) if snap.held else "nobody"
-            self._mark_lost(f"the lock now belongs to {holder}")
+            self._mark_lost(f"it now belongs to {_holder(snap)}")
         elif time.monotonic() - self._beat_at > self.timeout_s:
             self._mark_lost(f"its heartbeat was not renewed for more than {self.timeout_s:.0f} s")
 
@@ -304,10 +304,10 @@ class OutputLock:
                     "released_by": {k: self._record.get(k) for k in ("run_id", "host", "pid", "started_at")}}
         try:
             if self._store.swap(self._version, released) is None:
-                log.warning("the lock on %s had been taken over by another job before release", self.loc.uri())
+                log.warning("the lock on %s had been taken over by another job before release", redact_uri(self.loc.uri()))
         except Exception as exc:  # noqa: BLE001 - the lease runs out on its own
             log.warning("could not release the lock on %s (it expires after %.0f s): %s: %s",
-                        self.loc.uri(), self.timeout_s, type(exc).__name__, exc)
+                        redact_uri(self.loc.uri()), self.timeout_s, type(exc).__name__, exc)
 
 
 @dataclass(frozen=True)
@@ -328,10 +328,8 @@ class Fence:
     def check(self) -> None:
         """Raises :class:`LockLostError` naming the new holder unless the lease is still this one."""
         snap = store_for(self.loc).read()
-        record = snap.record or {}
-        if not snap.held or record.get("token") != self.token:
-            holder = _describe(record) if snap.held else f"nobody: it was released by {_describe(record.get('released_by'))}"
-            raise LockLostError(f"lost the lock on output {redact_uri(self.loc.uri())!r}: it now belongs to {holder}; "
+        if not snap.held or (snap.record or {}).get("token") != self.token:
+            raise LockLostError(f"lost the lock on output {redact_uri(self.loc.uri())!r}: it now belongs to {_holder(snap)}; "
                                 "this job must not commit")
 
 
@@ -360,6 +358,16 @@ def _dead_here(record: dict[str, Any]) -> bool:
     if record.get("host") != socket.gethostname() or not boot or boot != _boot_id() or not isinstance(pid, int) or not started:
         return False
     return _process_start(pid) != started
+
+
+def _holder(snap: Snapshot) -> str:
+    """Who holds the lock now, in words; a released lock names the job that released it."""
+    record = snap.record or {}
+    if snap.held:
+        return _describe(record)
+    if record.get("released_by"):
+        return f"nobody: it was released by {_describe(record['released_by'])}"
+    return "nobody"
 
 
 def _describe(record: dict[str, Any] | None) -> str:

@@ -135,7 +135,7 @@ class _Encoder:
             except ValueError as exc:
                 raise InputError(f"{what} file {source.uri!r}, column {column!r}: {exc}") from exc
         with_text = np.flatnonzero(has_text)
-        ids_all = tokenize(self.tokenizer, [texts[i] for i in with_text], self.cfg.max_length)[0] if len(with_text) else []
+        ids_all = tokenize(self.tokenizer, [texts[i] for i in with_text], self.cfg.max_length).rows()
         position = np.full(n, -1)
         position[with_text] = np.arange(len(with_text))
         for split, mask in targets:

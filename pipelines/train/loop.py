@@ -246,7 +246,7 @@ class TrainingRecipe:
         state.epoch = epoch
         state.best = max(score, state.best or score)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        state.history = state.history + [{**metrics, "reports": result.reports}]
+        state.history = state.history + [{**metrics, **{k: v for k, v in result.record().items() if k not in metrics}}]
 
     def _optimizer_step(self) -> None:
         if self.cfg.max_grad_norm > 0:

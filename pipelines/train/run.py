@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from mtcls import HeadSpec, MultiTaskModel, default_encoder_path, text_separator
+from mtcls.configuration import position_limit
 from mtcls.profile import REFERENCE_FILE, reference_document
 from pipelines.artifacts import check_model_target, localize_model, publish_model_dir, read_model_files
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, check_max_length
 from pipelines.runtime import init_ray, ray_train_logging
 from pipelines.storage import locate, redact_uri, write_json
 from pipelines.train.plots import plot_history
@@ -67,6 +68,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.train:
         raise ConfigError("key 'train': run_train needs training data (jobs.train fills in the embedded demo corpus)")
     check_model_target(cfg.output)  # refuse a directory that is not a model's before training, not after
+    check_max_length(cfg.max_length, position_limit(_starting_encoder(cfg)), explicit=True)
     init_ray(cfg.verbose)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="mtcls-train-"))
@@ -74,6 +76,16 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         return _train(cfg, work, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _starting_encoder(cfg: TrainConfig) -> dict[str, Any]:
+    """The config (``to_dict()``) of the encoder training starts from: ``init_model``'s, or ``encoder``'s."""
+    from transformers import AutoConfig
+
+    if cfg.init_model:
+        return MultiTaskModel.config_class.from_pretrained(localize_model(cfg.init_model)).encoder
+    encoder = cfg.encoder or str(default_encoder_path())
+    return AutoConfig.from_pretrained(localize_model(encoder) if "://" in encoder else encoder).to_dict()
 
 
 def optimizer_steps(optimizer_state: dict[str, Any]) -> int:
@@ -145,7 +157,8 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         final_state = torch.load(Path(last) / STATE_FILE, weights_only=True)
     history = final_state["history"]
 
-    best_reports = next(h["reports"] for h in history if h["epoch"] == best_metrics["epoch"])
+    best = next(h for h in history if h["epoch"] == best_metrics["epoch"])
+    best_reports = best["reports"]
     tuned = {h: r["tuned_thresholds"] for h, r in best_reports.items() if "tuned_thresholds" in r}
     calibration = {h: r["calibration"] for h, r in best_reports.items() if "calibration" in r}
     temperatures = {h: c["temperature"] for h, c in calibration.items() if c["temperature"] is not None}
@@ -153,8 +166,8 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
     with best_ckpt.as_directory() as best_dir:
         model = MultiTaskModel.from_pretrained(best_dir)
     # The heads as validation exported them: calibration, and thresholds mapped to the calibrated scores.
-    for head, report in best_reports.items():
-        model.set_head_spec(HeadSpec.from_dict(report["head"]))
+    for spec in best["heads"].values():
+        model.set_head_spec(HeadSpec.from_dict(spec))
 
     summary = {
         "output": redact_uri(cfg.output),
@@ -162,7 +175,7 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         "best_metric": cfg.best_metric,
         "best_score": best_metrics[cfg.best_metric],
         "best_metrics": {k: v for k, v in best_metrics.items() if not isinstance(v, dict)},
-        "epochs": [{k: v for k, v in h.items() if k != "reports"} for h in history],
+        "epochs": [{k: v for k, v in h.items() if k not in ("reports", "heads", "profiles")} for h in history],
         "best_reports": best_reports,
         "tuned_thresholds": tuned,
         "temperatures": temperatures,
@@ -178,8 +191,7 @@ def _train(cfg: TrainConfig, work: Path, started: float) -> dict[str, Any]:
         "feature_cache": feature_cache,
         "ray_train_run": redact_uri(posixpath.join(storage, run_name)),
     }
-    profiles = {h: r["profile"] for h, r in best_reports.items() if "profile" in r}
-    reference = reference_document(profiles, f"validation set, epoch {best_metrics['epoch']}")
+    reference = reference_document(best["profiles"], f"validation set, epoch {best_metrics['epoch']}")
     export_trained_model(cfg.output, model, work / "init", summary, reference, [s.name for s in data.specs], work / "export")
     return summary
 

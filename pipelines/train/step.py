@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mtcls import HeadSpec, MultiTaskModel
-from mtcls.inference import pad_batch
+from mtcls.inference import Tokens
 from mtcls.kinds import mean_of_parts
 from mtcls.modeling import MultiTaskOutput
 from pipelines.train.features import FEATURES
@@ -134,7 +134,8 @@ def micro_batch(batch: dict[str, np.ndarray], specs: Sequence[HeadSpec], pad_id:
     labels = {s.name: s.impl.collate(s, np.stack(batch[f"y_{s.name}"])).to(device) for s in specs}
     if FEATURES in batch:
         return {FEATURES: torch.from_numpy(np.ascontiguousarray(batch[FEATURES], dtype=np.float32)).to(device), "labels": labels}
-    ids, mask = pad_batch(batch["input_ids"], pad_id)
+    rows = batch["input_ids"]
+    ids, mask = Tokens.from_rows(rows).padded(np.arange(len(rows)), pad_id)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels}
 
 

@@ -48,13 +48,23 @@ class Validation:
     Attributes:
         metrics: ``<head>_macro_f1`` per head, ``mean_macro_f1``, and ``<head>_tuned_macro_f1``
             per head with tuned thresholds.
-        reports: Per head, :func:`mtcls.head_report`, plus ``calibration`` (when fitted),
-            ``tuned_thresholds`` (when tuned), ``head`` (the head as exported, a spec dict) and
-            ``profile`` (its reference profile).
+        reports: Per head, :func:`mtcls.head_report`, plus ``calibration`` (when fitted) and
+            ``tuned_thresholds`` (when tuned).
+        heads: Per head, the head as it is exported: its calibration, and thresholds tuned on the
+            raw scores mapped to the calibrated ones.
+        profiles: Per head, its reference profile (:func:`pipelines.train.reference.reference_profiles`).
     """
 
     metrics: dict[str, float]
     reports: dict[str, dict[str, Any]]
+    heads: dict[str, HeadSpec]
+    profiles: dict[str, dict[str, Any]]
+
+    def record(self) -> dict[str, Any]:
+        """Plain values for the run state's history (it travels in checkpoints): metrics, reports,
+        ``heads`` as spec dicts and ``profiles``."""
+        return {**self.metrics, "reports": self.reports, "heads": {n: h.to_dict() for n, h in self.heads.items()},
+                "profiles": self.profiles}
 
 
 def validate(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch_size: int, pad_id: int,
@@ -95,11 +105,8 @@ def validate(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch
         exported[name] = head
         reports[name]["tuned_thresholds"] = result
         metrics[f"{name}_tuned_macro_f1"] = result["macro_f1"]
-    for name, head in exported.items():
-        reports[name]["head"] = head.to_dict()
-    for name, prof in reference_profiles(list(exported.values()), local, world).items():
-        reports[name]["profile"] = prof
-    return Validation(metrics, reports)
+    profiles = reference_profiles(list(exported.values()), local, world)
+    return Validation(metrics, reports, exported, profiles)
 
 
 def validation_logits(model: MultiTaskModel, shard: Any, specs: Sequence[HeadSpec], batch_size: int, pad_id: int,

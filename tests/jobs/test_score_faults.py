@@ -2,6 +2,7 @@
 lease, then exactly once."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -168,6 +169,8 @@ def test_job_stalled_past_its_lease_commits_nothing_after_another_job_took_over(
     _, stderr = first.communicate(timeout=300)
     assert first.returncode not in (0, 2), stderr[-3000:]
     assert "lost the lock on output" in stderr and "this job must not commit" in stderr
+    # The new holder is named: the second job, holding the lease or having released it at its end.
+    assert re.search(r"it now belongs to (nobody: it was released by )?run \w+ on host", stderr), stderr[-3000:]
     assert snapshot(out) == done  # byte for byte the second job's output: no file moved in, removed or rewritten
     table = pd.read_parquet(out, columns=["id"])
     assert len(table) == len(ids) and set(table["id"]) == ids and (out / "_SUCCESS").exists()

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtcls import HeadSpec
 from mtcls.calibration import calibrate_spec, uncalibrate_spec
 from pipelines.train.validation import validate
 from tests.conftest import tiny_model
@@ -69,10 +68,10 @@ def test_validation_fits_calibrations_and_keeps_only_those_that_help_on_held_out
         cal = reports[head]["calibration"]
         assert 0.05 <= cal["fitted_temperature"] <= 20 and cal["kept"] == (cal["temperature"] is not None)
         assert cal["nll_after"] <= cal["nll_before"] + 1e-6
-        assert reports[head]["head"]["temperature"] == cal["temperature"]  # the head as exported
+        assert result.heads[head].temperature == cal["temperature"]  # the head as exported
     assert reports["type"]["calibration"]["kept"] and reports["type"]["calibration"]["temperature"] > 2  # cooled down
     assert not reports["trust"]["calibration"]["kept"]  # random labels: a fit gains nothing on held-out folds
-    assert reports["trust"]["head"] == tiny_model(heads=HEADS, seed=3).specs["trust"].to_dict()
+    assert result.heads["trust"].to_dict() == tiny_model(heads=HEADS, seed=3).specs["trust"].to_dict()
     assert "tuned_thresholds" in reports["tags"]
     uncalibrated = validate(tiny_model(heads=HEADS, seed=3), Shard(), [s for s in tiny_model(heads=HEADS, seed=3).specs.values()],
                             16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
@@ -103,12 +102,12 @@ def test_two_workers_fit_the_same_temperatures_as_one():
         assert out[0].metrics[key] == pytest.approx(single.metrics[key], abs=1e-9)
     # The reference profile is summed over the workers: both hold the same, and it is the one worker's.
     for head in ("trust", "type", "tags", "sphere"):
-        assert out[0].reports[head]["profile"] == out[1].reports[head]["profile"]
-        mine, one = out[0].reports[head]["profile"], single.reports[head]["profile"]
+        assert out[0].profiles[head] == out[1].profiles[head]
+        mine, one = out[0].profiles[head], single.profiles[head]
         assert mine["rows"] == one["rows"] == 90 and mine["label_counts"] == one["label_counts"]
         assert mine["labelled_rows"] == one["labelled_rows"]
     for head in ("type", "sphere"):  # arg-max decisions: the temperature's last bits cannot flip them
-        assert out[0].reports[head]["profile"]["mix"] == single.reports[head]["profile"]["mix"]
+        assert out[0].profiles[head]["mix"] == single.profiles[head]["mix"]
 
 
 def test_a_warm_started_calibrated_head_is_validated_on_raw_scores_and_keeps_its_calibration():
@@ -116,7 +115,7 @@ def test_a_warm_started_calibrated_head_is_validated_on_raw_scores_and_keeps_its
     calibrated = calibrate_spec(model.specs["tags"], 2.0, [0.5, 1.0, 1.5])
     specs = [calibrated if s.name == "tags" else s for s in model.specs.values()]
     result = validate(model, Shard(), specs, 16, 0, torch.device("cpu"), 0, 1, tune_bins=50, calibrate=False)
-    head = HeadSpec.from_dict(result.reports["tags"]["head"])
+    head = result.heads["tags"]
     assert head.temperature == 2.0 and head.logit_offset == [0.5, 1.0, 1.5]
     tuned = result.reports["tags"]["tuned_thresholds"]
     assert head.thresholds == tuned["thresholds"]  # exported on the calibrated scale...

@@ -248,3 +248,11 @@ def test_a_shipped_int8_file_is_used_only_for_the_encoder_it_records(tmp_path, t
         shipped_model_files(theirs, "int8")
     assert INT8_FILE in shipped_model_files(theirs, "fp32")  # other precisions do not read it
     assert not cache.exists()
+    # The library's engine checks the same: the file in the model directory, and one passed in.
+    shutil.copyfile(path, theirs / INT8_FILE)
+    with pytest.raises(ValueError, match=r"int8 file .*exported from another encoder"):
+        mtcls.InferenceEngine.load(theirs, with_tokenizer=False, precision="int8")
+    with pytest.raises(ValueError, match=r"int8 file .*exported from another encoder"):
+        mtcls.InferenceEngine(mtcls.MultiTaskModel.from_pretrained(theirs), None, "int8", int8_file=path)
+    assert mtcls.InferenceEngine.load(mine, precision="int8").int8 is not None
+    assert not cache.exists()

@@ -220,6 +220,7 @@ def test_stalled_holder_learns_it_lost_the_lock(tmp_path):
     with lock:
         message = report.get(timeout=10)
         assert "lost the lock on output" in message and "must not commit" in message
+        assert f"it now belongs to run {lock.record['run_id']} on host" in message  # the new holder, named
         holder.join(10)
         time.sleep(0.3)  # the woken holder's last heartbeat and release must not have touched this lock
         lock.check()

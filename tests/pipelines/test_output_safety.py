@@ -148,12 +148,35 @@ def test_invalid_utf8_and_huge_cells_are_per_row_outcomes(tmp_path, tiny_model_d
     assert bool(table.loc["huge", "truncated"]) and not bool(table.loc["ok", "truncated"])
 
 
-def test_max_length_beyond_the_encoders_positions_fails_before_any_work(tmp_path, tiny_model_dir):
+def test_max_length_beyond_the_encoders_positions_fails_before_any_work(tmp_path, tiny_model_dir, tiny_encoder_dir):
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     write(inp, ["a"])
     with pytest.raises(ConfigError, match=r"key 'max_length': 200 tokens is more than the encoder's position embeddings allow \(160\)"):
         run_score(cfg(inp, out, tiny_model_dir, max_length=200))
     assert not out.exists()
+    # Evaluation and training check the same limit before any work (no Ray is started for it).
+    from pipelines.evaluate import EvalConfig, run_evaluate
+    from pipelines.train import TrainConfig, run_train
+
+    report = tmp_path / "report"
+    with pytest.raises(ConfigError, match=r"key 'max_length': 200 tokens .* allow \(160\)"):
+        run_evaluate(EvalConfig(data=str(inp), model=str(tiny_model_dir), output=str(report), max_length=200))
+    with pytest.raises(ConfigError, match=r"key 'max_length \(0: the model's max_seq_length\)': 512 tokens .* \(160\)"):
+        run_score(cfg(inp, out, _with_max_seq_length(tiny_model_dir, tmp_path / "long", 512)))
+    model_out = tmp_path / "model"
+    with pytest.raises(ConfigError, match=r"key 'max_length': 161 tokens .* allow \(160\)"):
+        run_train(TrainConfig(train=[str(inp)], encoder=str(tiny_encoder_dir), output=str(model_out), max_length=161,
+                              heads=[{"name": "spam", "kind": "binary", "labels": ["no", "yes"]}]))
+    assert not report.exists() and not model_out.exists() and not out.exists()
+
+
+def _with_max_seq_length(model_dir: Path, target: Path, length: int) -> Path:
+    """A copy of a saved model whose config says ``max_seq_length=length``."""
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["max_seq_length"] = length
+    (target / "config.json").write_text(json.dumps(config))
+    return target
 
 
 def test_units_hold_at_most_rows_per_file_inside_one_row_group(tmp_path, tiny_model_dir, ray_local):
