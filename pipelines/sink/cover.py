@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-MAX_STEPS = 200_000  # search steps before giving up (the files of one input are few; never reached in practice)
+MAX_STEPS = 200_000  # search steps before giving up (the files of one input are few; not reached in practice)
+
+
+class _GaveUp(Exception):
+    """The search ran :data:`MAX_STEPS` steps without deciding."""
 
 
 def merge_ranges(ranges: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -43,7 +47,12 @@ def exact_cover(rows: int, files: list[Any]) -> tuple[list[Any], list[Any], Opti
     for i, f in enumerate(files):
         if f.ranges:
             by_start.setdefault(min(a for a, _ in f.ranges), []).append(i)
-    found = _search(rows, files, by_start)
+    try:
+        found = _search(rows, files, by_start)
+    except _GaveUp:
+        found, gave_up = None, True
+    else:
+        gave_up = False
     if found is not None:
         chosen = [files[i] for i in sorted(found)]
         return chosen, [f for i, f in enumerate(files) if i not in found], None
@@ -56,11 +65,17 @@ def exact_cover(rows: int, files: list[Any]) -> tuple[list[Any], list[Any], Opti
             taken += f.ranges
     if union < rows:
         return disjoint, [], f"{rows - union} of its {rows} rows are not in the output"
+    if gave_up:
+        return disjoint, [], (f"its committed files overlap and the search for a subset holding each row once gave up "
+                              f"after {MAX_STEPS:,} steps (none was found, none was ruled out); rerun with overwrite=true")
     return disjoint, [], "its committed files overlap and no subset of them holds each row once; rerun with overwrite=true"
 
 
 def _search(rows: int, files: list[Any], by_start: dict[int, list[int]]) -> Optional[set[int]]:
     """Depth-first search for files covering ``[0, rows)`` exactly once; None if there is none.
+
+    Raises:
+        _GaveUp: After :data:`MAX_STEPS` steps without an answer.
 
     The common case (files that do not overlap) takes one pass. The search is iterative, so an
     input with thousands of files does not hit Python's recursion limit.
@@ -95,7 +110,7 @@ def _search(rows: int, files: list[Any], by_start: dict[int, list[int]]) -> Opti
         i = candidates.pop(0)
         steps += 1
         if steps > MAX_STEPS:
-            return None
+            raise _GaveUp()
         ranges = [list(r) for r in files[i].ranges if r[1] > r[0]]
         if i in used or any(r[1] > rows for r in ranges) or any(a < d and c < b for a, b in ranges for c, d in taken):
             continue

@@ -244,6 +244,18 @@ def test_exact_cover_reports_missing_and_inconsistent_rows_and_removes_nothing()
     assert "no subset of them holds each row once" in problem and extra == []
 
 
+def test_exact_cover_that_gives_up_says_so_instead_of_ruling_a_cover_out(monkeypatch):
+    from pipelines.sink import cover
+
+    # Files of two ranges each force the general search; one step is too few to finish it.
+    files = [_F("a", (0, 2), (5, 10)), _F("b", (0, 5)), _F("c", (2, 5)), _F("d", (5, 10))]
+    monkeypatch.setattr(cover, "MAX_STEPS", 1)
+    chosen, extra, problem = cover.exact_cover(10, files)
+    assert "gave up after 1 steps (none was found, none was ruled out)" in problem and extra == []
+    monkeypatch.setattr(cover, "MAX_STEPS", 1000)
+    assert cover.exact_cover(10, files)[2] is None
+
+
 def test_exact_cover_of_thousands_of_files_is_fast_and_iterative():
     from pipelines.sink.cover import exact_cover
 
