@@ -26,9 +26,10 @@ from pipelines.inference import shipped_model_files
 from pipelines.sink.schema import output_schema
 from pipelines.tokenize import ship_tokenizer, tokenize_stage
 from pipelines.resources import InferencePlan, cpu_stage_cpus, plan_inference
+from pipelines.progress import Progress
 from pipelines.runtime import data_progress, init_ray
 from pipelines.sink.completion import require_complete
-from pipelines.storage import (InputError, column_names, inspect_parquet, list_parquet_files, locate, redact_uris,
+from pipelines.storage import (InputError, column_names, inspect_parquet, list_parquet_files, locate, redact_uri, redact_uris,
                                write_json)
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_
     label_columns = resolve_label_columns(specs, column_names(loc, files[0]), cfg.label_columns)
     kept = list(dict.fromkeys([*label_columns.values(), *cfg.slice_by]))
     needed = list(dict.fromkeys([*cfg.text_columns, *kept]))
-    in_schema, _ = inspect_parquet(loc, files, needed)
+    in_schema, file_rows = inspect_parquet(loc, files, needed)
+    total = sum(file_rows.values())
     model_config = MultiTaskConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stage_cpus = cpu_stage_cpus(ray.cluster_resources(), plan)
@@ -110,7 +112,15 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_
         scored_block_statistics, batch_format="pyarrow", batch_size=None, num_cpus=stage_cpus,
         fn_kwargs=dict(specs=[s.to_dict() for s in specs], label_columns=label_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins),
     )
-    blocks = [r["stats"] for r in per_block.take_all()]
+    log.info("evaluate %s (%d files, %d rows), heads %s; %d actors x (%g CPU, %g GPU), %d torch threads each, precision %s",
+             redact_uri(cfg.data), len(files), total, ", ".join(s.name for s in specs), plan.num_actors, plan.num_cpus,
+             plan.num_gpus, plan.torch_threads, cfg.precision)
+    progress = Progress("evaluate", total, unit="rows", errors="error rows", logger=log)
+    blocks = []
+    with progress:
+        for row in per_block.iter_rows():  # one row of statistics per scored block
+            blocks.append(row["stats"])
+            progress.advance(row["stats"]["rows"], errors=row["stats"]["unscored"])
     devices = {json.dumps(d, sort_keys=True): d for b in blocks for d in b.pop("devices")}
     return merge_block_statistics(specs, blocks), {"label_columns": label_columns,
                                                   "devices": [devices[k] for k in sorted(devices)]}

@@ -199,6 +199,8 @@ class TrainingRecipe:
                 rows += micro_batch_rows(batch)
             if self.rank == 0:
                 progress.update(batches, rows, total_loss / batches)
+        if self.rank == 0:
+            progress.close()  # the epoch's last line: batches, examples/s and its time
         seconds = time.perf_counter() - start
         return {"train_loss": total_loss / max(batches, 1), "train_examples_per_s": rows * self.world / max(seconds, 1e-9),
                 **{f"{n}_train_loss": v / max(batches, 1) for n, v in sums.items()}}

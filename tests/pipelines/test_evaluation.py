@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import logging
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -159,15 +161,22 @@ def calibrated_copy(model_dir, path):
 TEMPERATURES = {"trust": 0.25, "type": 0.2, "tags": 0.3}  # "topic" keeps none: its ECE is reported once
 
 
-def test_data_path_equals_direct_predictions_measures_calibration_and_saves_tuned_thresholds(tmp_path, ray_local, tiny_model_dir):
+def test_data_path_equals_direct_predictions_measures_calibration_and_saves_tuned_thresholds(tmp_path, ray_local, tiny_model_dir,
+                                                                                             caplog):
     ids, _, labels = random_rows(90, seed=5)
     texts = [f"review number {i} " + "word " * (i % 17) for i in range(90)]
     texts[4] = "   "  # not scorable: counted, not crashed on
     write_labels(tmp_path / "data.parquet", ids, labels, {"text": texts})
     model_dir = calibrated_copy(tiny_model_dir, tmp_path / "calibrated")
-    report = run_eval(tmp_path, f"data={tmp_path / 'data.parquet'}", f"model={model_dir}", "block_rows=16", "precision=fp32",
-                      f"save_tuned_model={tmp_path / 'tuned'}")
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluate.run"):
+        report = run_eval(tmp_path, f"data={tmp_path / 'data.parquet'}", f"model={model_dir}", "block_rows=16",
+                          "precision=fp32", f"save_tuned_model={tmp_path / 'tuned'}")
     assert report["rows_unscored"] == 1
+    # The start summary and the progress line's last state, fed per scored block.
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.evaluate.run"]
+    assert any(line.startswith("evaluate ") and "(1 files, 90 rows), heads trust, type, tags, topic, sphere" in line
+               for line in lines), lines
+    assert re.fullmatch(r"evaluate: rows 90/90 done, [\d,.]+ rows/s, in \S+, 1 error rows", lines[-1]), lines
     model = mtcls.MultiTaskModel.from_pretrained(model_dir)
     keep = [i for i in range(90) if i != 4 and labels["type"][i] in BY["type"].labels]
     cols = mtcls.predict_texts(model, AutoTokenizer.from_pretrained(model_dir), [texts[i] for i in keep])
