@@ -34,6 +34,9 @@ from pipelines.storage import (InputError, column_names, inspect_parquet, list_p
 
 log = logging.getLogger(__name__)
 
+#: Rows of the predictions per hash partition of the labels join.
+JOIN_ROWS_PER_PARTITION = 1_000_000
+
 
 def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Joins a scoring output to a labels table and returns (merged totals, join counts)."""
@@ -46,7 +49,10 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
     needed_labels = list(dict.fromkeys([cfg.id_column, *label_columns.values(), *cfg.slice_by]))
     inspect_parquet(label_loc, label_files, needed_labels)
     pred_cols = [cfg.id_column, "error", *[f"{h}_probs" for h in label_columns]]
-    inspect_parquet(pred_loc, pred_files, pred_cols)
+    _, pred_rows = inspect_parquet(pred_loc, pred_files, pred_cols)
+    # Hash partitions of the join: about JOIN_ROWS_PER_PARTITION rows each (each partition is a task's
+    # work), never more than there are prediction files.
+    partitions = max(1, min(len(pred_files), -(-sum(pred_rows.values()) // JOIN_ROWS_PER_PARTITION)))
 
     preds = ray.data.read_parquet(pred_files, filesystem=pred_loc.arrow_fs()).select_columns(pred_cols)
     preds = preds.add_column(_HAS_PRED, lambda b: pa.array([True] * b.num_rows), batch_format="pyarrow")
@@ -55,7 +61,7 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
     clash = [c for c in needed_labels if c != cfg.id_column and c in pred_cols]
     if clash:
         raise InputError(f"columns {clash} are in both the predictions and the labels; rename them in the labels")
-    joined = preds.join(labels, join_type="full_outer", num_partitions=max(1, len(pred_files)), on=(cfg.id_column,),
+    joined = preds.join(labels, join_type="full_outer", num_partitions=partitions, on=(cfg.id_column,),
                         aggregator_ray_remote_args={"num_cpus": 0.25})
     spec_dicts = [s.to_dict() for s in specs]
     per_block = joined.map_batches(

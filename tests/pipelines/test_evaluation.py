@@ -72,8 +72,11 @@ def run_eval(tmp_path, *args):
     return evaluate_job.main([f"output={tmp_path / 'report'}", "progress=false", *args])
 
 
-@pytest.mark.parametrize("shards", [1, 50])  # one block, and more files than blocks
-def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_local, shards):
+@pytest.mark.parametrize("shards", [1, 50])  # one block, and more files than blocks (joined in 4 partitions)
+def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_local, shards, monkeypatch):
+    import pipelines.evaluate.run as evaluate_run
+
+    monkeypatch.setattr(evaluate_run, "JOIN_ROWS_PER_PARTITION", 100 if shards > 1 else 10**6)
     n = 400
     ids, probs, labels = random_rows(n, seed=shards)
     write_predictions(tmp_path / "preds", ids, probs, shards)
