@@ -58,17 +58,31 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+#: Actors Ray Data keeps for the whole session (one each); any other actor alive after a module is a leftover.
+_SESSION_ACTORS = {"_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker"}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _fresh_ray_per_module():
-    """Shuts the session's Ray down after each module that used it: a module's training runs can
-    leave state behind (actors, placement groups) that made the next module's scoring jobs wait
-    forever on 2 CPUs in CI."""
+def _fresh_ray_after_leftovers():
+    """Shuts the session's Ray down after a module that left state behind: a placement group not
+    removed or an actor still alive (a training run's), or CPUs still held. Such leftovers made the
+    next module's scoring jobs wait forever on 2 CPUs. A module that leaves nothing keeps the Ray
+    for the next one (a restart costs 5-15 s on 2 cores)."""
     yield
     import sys
 
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray is not None and ray.is_initialized() and _leftovers(ray):
         ray.shutdown()
+
+
+def _leftovers(ray) -> bool:
+    if any(pg["state"] != "REMOVED" for pg in ray.util.placement_group_table().values()):
+        return True
+    from ray._private import state
+
+    alive = [a for a in state.actors().values() if a.get("State") != "DEAD" and a.get("ActorClassName") not in _SESSION_ACTORS]
+    return bool(alive) or not _all_cpus_free(ray, wait_s=5.0)
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +96,9 @@ def _ray_session():
 
 
 def local_ray():
-    """A local Ray with 2 CPUs (as on the CI machine): started on first use in a module, restarted
-    when an earlier test left CPUs held (a training run's actors or placement groups), since a
-    scoring job would wait for them forever on 2 CPUs.
+    """A local Ray with 2 CPUs (as on the CI machine), shared by the session: started on first use,
+    restarted when an earlier test left CPUs held (a training run's actors or placement groups),
+    since a scoring job would wait for them forever on 2 CPUs.
 
     For module-scoped fixtures, which cannot ask for the function-scoped :func:`ray_local`.
     """
