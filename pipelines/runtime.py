@@ -278,3 +278,18 @@ def run_job(main: Callable[[], Any]) -> None:
     except JobAlert as exc:
         print(f"alert: {redact_text(str(exc))}", file=sys.stderr)
         sys.exit(3)
+    finally:
+        _stop_ray()
+
+
+def _stop_ray() -> None:
+    """Disconnects from Ray (and stops the local cluster this job started) while the interpreter is
+    whole: left to ``atexit``, Ray's teardown races the interpreter's and its threads can print
+    tracebacks after a healthy run."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except Exception as exc:  # noqa: BLE001 - the job's own outcome stands
+        logging.getLogger(__name__).warning("ray.shutdown() failed: %s: %s", type(exc).__name__, exc)

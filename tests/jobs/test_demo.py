@@ -34,7 +34,7 @@ def test_demo_runs_the_whole_flow_quietly(tmp_path):
     assert len(lines) <= MAX_LINES, f"{len(lines)} lines:\n" + "\n".join(lines)
     loud = [line for line in lines if re.search(r"\b(WARNING|ERROR|Traceback)\b|\] core_worker|^\[[^]]* [EW] \d+ \d+\]", line)
             and not any(e in line for e in EXPLAINED)]
-    assert not loud, "\n".join(loud)
+    assert not loud, "\n".join(loud) + "\n--- the whole output:\n" + printed[-8000:]
 
     summary = json.loads(printed[printed.rindex('{\n  "model"'):])
     assert summary["rows_scored"] == 300
