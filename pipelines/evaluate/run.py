@@ -68,7 +68,15 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
         _predictions_stats, fn_kwargs=dict(specs=spec_dicts, label_columns=label_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins),
         batch_format="pyarrow", batch_size=None,
     )
-    blocks = [r["stats"] for r in per_block.take_all()]
+    total = sum(pred_rows.values())
+    log.info("evaluate %s (%d files, %d rows) joined to the labels %s on %r, heads %s", redact_uri(cfg.predictions),
+             len(pred_files), total, redact_uri(cfg.labels), cfg.id_column, ", ".join(label_columns))
+    blocks = []
+    with Progress("evaluate", total, unit="prediction rows", errors="error rows", logger=log) as progress:
+        for row in per_block.iter_rows():  # one row of statistics per joined block
+            stats = row["stats"]
+            blocks.append(stats)
+            progress.advance(stats["rows"] + stats["predictions_without_labels"], errors=stats["unscored"])
     totals = merge_block_statistics(specs, blocks)
     join = {key: sum(b[key] for b in blocks) for key in ("predictions_without_labels", "labels_without_predictions")}
     join["matched"] = totals["rows"]

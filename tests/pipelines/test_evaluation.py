@@ -73,7 +73,7 @@ def run_eval(tmp_path, *args):
 
 
 @pytest.mark.parametrize("shards", [1, 50])  # one block, and more files than blocks (joined in 4 partitions)
-def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_local, shards, monkeypatch):
+def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_local, shards, monkeypatch, caplog):
     import pipelines.evaluate.run as evaluate_run
 
     monkeypatch.setattr(evaluate_run, "JOIN_ROWS_PER_PARTITION", 100 if shards > 1 else 10**6)
@@ -81,7 +81,12 @@ def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_l
     ids, probs, labels = random_rows(n, seed=shards)
     write_predictions(tmp_path / "preds", ids, probs, shards)
     write_labels(tmp_path / "labels.parquet", ids, labels)
-    report = run_eval(tmp_path, f"predictions={tmp_path / 'preds'}", f"labels={tmp_path / 'labels.parquet'}")
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluate.run"):
+        report = run_eval(tmp_path, f"predictions={tmp_path / 'preds'}", f"labels={tmp_path / 'labels.parquet'}")
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.evaluate.run"]
+    assert any(f"({shards} files, {n} rows) joined to the labels" in line for line in lines), lines
+    assert re.fullmatch(r"evaluate: prediction rows 400/400 done, [\d,.]+ prediction rows/s, in \S+, 0 error rows",
+                        lines[-1]), lines
 
     trust = report["heads"]["trust"]
     ok = [i for i in range(n) if labels["trust"][i] is not None]
