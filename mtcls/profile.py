@@ -129,10 +129,10 @@ def head_drift(spec: HeadSpec, head: dict[str, Any], reference: dict[str, Any], 
     expected = spec.impl.mix_distributions(spec, np.asarray(reference["mix"]), reference["rows"])
     parts = {name: round(population_stability_index(actual[name], expected[name]), 6) for name in actual}
     worst = max(parts, key=parts.get)
+    judged = min(head["rows"], reference["rows"]) >= min_rows
     result = {"psi": parts[worst], "worst_part": worst or None, "parts": parts if len(parts) > 1 else {},
-              "flagged": bool(parts[worst] > threshold)}
-    if min(head["rows"], reference["rows"]) < min_rows:
-        result["flagged"] = False
+              "flagged": bool(judged and parts[worst] > threshold)}
+    if not judged:
         result["note"] = (f"not judged: {head['rows']} rows scored and {reference['rows']} in the reference; "
                           f"drift_min_rows is {min_rows}")
     return result

@@ -50,9 +50,10 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
     inspect_parquet(label_loc, label_files, needed_labels)
     pred_cols = [cfg.id_column, "error", *[f"{h}_probs" for h in label_columns]]
     _, pred_rows = inspect_parquet(pred_loc, pred_files, pred_cols)
+    total = sum(pred_rows.values())
     # Hash partitions of the join: about JOIN_ROWS_PER_PARTITION rows each (each partition is a task's
     # work), never more than there are prediction files.
-    partitions = max(1, min(len(pred_files), -(-sum(pred_rows.values()) // JOIN_ROWS_PER_PARTITION)))
+    partitions = max(1, min(len(pred_files), -(-total // JOIN_ROWS_PER_PARTITION)))
 
     preds = ray.data.read_parquet(pred_files, filesystem=pred_loc.arrow_fs()).select_columns(pred_cols)
     preds = preds.add_column(_HAS_PRED, lambda b: pa.array([True] * b.num_rows), batch_format="pyarrow")
@@ -68,15 +69,10 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
         _predictions_stats, fn_kwargs=dict(specs=spec_dicts, label_columns=label_columns, slice_by=cfg.slice_by, bins=cfg.threshold_bins),
         batch_format="pyarrow", batch_size=None,
     )
-    total = sum(pred_rows.values())
     log.info("evaluate %s (%d files, %d rows) joined to the labels %s on %r, heads %s", redact_uri(cfg.predictions),
              len(pred_files), total, redact_uri(cfg.labels), cfg.id_column, ", ".join(label_columns))
-    blocks = []
-    with Progress("evaluate", total, unit="prediction rows", errors="error rows", logger=log) as progress:
-        for row in per_block.iter_rows():  # one row of statistics per joined block
-            stats = row["stats"]
-            blocks.append(stats)
-            progress.advance(stats["rows"] + stats["predictions_without_labels"], errors=stats["unscored"])
+    blocks = _gather(per_block, Progress("evaluate", total, unit="prediction rows", errors="error rows", logger=log),
+                     lambda stats: stats["rows"] + stats["predictions_without_labels"])
     totals = merge_block_statistics(specs, blocks)
     join = {key: sum(b[key] for b in blocks) for key in ("predictions_without_labels", "labels_without_predictions")}
     join["matched"] = totals["rows"]
@@ -129,15 +125,22 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_
     log.info("evaluate %s (%d files, %d rows), heads %s; %d actors x (%g CPU, %g GPU), %d torch threads each, precision %s",
              redact_uri(cfg.data), len(files), total, ", ".join(s.name for s in specs), plan.num_actors, plan.num_cpus,
              plan.num_gpus, plan.torch_threads, cfg.precision)
-    progress = Progress("evaluate", total, unit="rows", errors="error rows", logger=log)
-    blocks = []
-    with progress:
-        for row in per_block.iter_rows():  # one row of statistics per scored block
-            blocks.append(row["stats"])
-            progress.advance(row["stats"]["rows"], errors=row["stats"]["unscored"])
+    blocks = _gather(per_block, Progress("evaluate", total, unit="rows", errors="error rows", logger=log),
+                     lambda stats: stats["rows"])
     devices = {json.dumps(d, sort_keys=True): d for b in blocks for d in b.pop("devices")}
     return merge_block_statistics(specs, blocks), {"label_columns": label_columns,
                                                   "devices": [devices[k] for k in sorted(devices)]}
+
+
+def _gather(per_block: Any, progress: Progress, counted: Any) -> list[dict[str, Any]]:
+    """Each block's statistics (one row per block), advancing ``progress`` by ``counted(stats)`` rows
+    and the block's unscored rows as errors."""
+    blocks = []
+    with progress:
+        for row in per_block.iter_rows():
+            blocks.append(row["stats"])
+            progress.advance(counted(row["stats"]), errors=row["stats"]["unscored"])
+    return blocks
 
 
 def specs_from_predictions(uri: str) -> tuple[list[HeadSpec], dict[str, Any]]:

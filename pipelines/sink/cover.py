@@ -47,12 +47,11 @@ def exact_cover(rows: int, files: list[Any]) -> tuple[list[Any], list[Any], Opti
     for i, f in enumerate(files):
         if f.ranges:
             by_start.setdefault(min(a for a, _ in f.ranges), []).append(i)
+    gave_up = False
     try:
         found = _search(rows, files, by_start)
     except _GaveUp:
         found, gave_up = None, True
-    else:
-        gave_up = False
     if found is not None:
         chosen = [files[i] for i in sorted(found)]
         return chosen, [f for i, f in enumerate(files) if i not in found], None

@@ -99,6 +99,7 @@ class OutputLock:
         if not 0 < heartbeat_s < timeout_s:
             raise ValueError(f"need 0 < heartbeat_s < timeout_s, got heartbeat_s={heartbeat_s}, timeout_s={timeout_s}")
         self.loc = locate(loc) if isinstance(loc, str) else loc
+        self._shown = redact_uri(self.loc.uri())  # the output as messages and records name it
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = float(heartbeat_s)
         self.owner = dict(owner or {})
@@ -142,11 +143,11 @@ class OutputLock:
             RuntimeError: If this object already holds it.
         """
         if self._record is not None:
-            raise RuntimeError(f"the lock on {redact_uri(self.loc.uri())!r} is already held by this object")
+            raise RuntimeError(f"the lock on {self._shown!r} is already held by this object")
         if not self._store.atomic:
             log.warning(
                 "output %s is on a store without conditional writes (%s): its lock is best effort and "
-                "exactly one writer is not guaranteed", redact_uri(self.loc.uri()), self.loc.protocol,
+                "exactly one writer is not guaranteed", self._shown, self.loc.protocol,
             )
         for _ in range(_CAS_ATTEMPTS):
             snap = self._store.read()
@@ -158,7 +159,7 @@ class OutputLock:
                 if snap.held:
                     why = ("its process is gone" if _dead_here(snap.record or {})
                            else f"no heartbeat for {snap.age_s or 0:.0f} s")
-                    log.warning("took over the lock on %s from %s: %s", redact_uri(self.loc.uri()), _describe(snap.record), why)
+                    log.warning("took over the lock on %s from %s: %s", self._shown, _describe(snap.record), why)
                 self._start(record, version)
                 return self
             # Another job changed the lock since it was read: look again.
@@ -176,7 +177,7 @@ class OutputLock:
             if self._lost_reason is None:
                 self._release_on_store()
             else:
-                log.warning("not releasing the lock on %s: %s", redact_uri(self.loc.uri()), self._lost_reason)
+                log.warning("not releasing the lock on %s: %s", self._shown, self._lost_reason)
             self._record = None
             self._version = None
 
@@ -188,12 +189,12 @@ class OutputLock:
         """
         with self._mutex:
             if self._record is None:
-                raise LockLostError(f"the lock on output {redact_uri(self.loc.uri())!r} is not held")
+                raise LockLostError(f"the lock on output {self._shown!r} is not held")
             if self._lost_reason is None:
                 self._verify()
             if self._lost_reason is not None:
                 raise LockLostError(
-                    f"lost the lock on output {redact_uri(self.loc.uri())!r}: {self._lost_reason}; "
+                    f"lost the lock on output {self._shown!r}: {self._lost_reason}; "
                     "another job may be writing there, so this job must not commit"
                 )
 
@@ -204,7 +205,7 @@ class OutputLock:
             LockLostError: If the lock is not held.
         """
         if self._record is None:
-            raise LockLostError(f"the lock on output {redact_uri(self.loc.uri())!r} is not held")
+            raise LockLostError(f"the lock on output {self._shown!r} is not held")
         return Fence(self.loc, self._record["token"])
 
     def __enter__(self) -> OutputLock:
@@ -218,7 +219,7 @@ class OutputLock:
         token = uuid.uuid4().hex
         record: dict[str, Any] = {"run_id": token[:12], "host": socket.gethostname(), "boot_id": _boot_id(),
                                   "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
-                                  "user": _user(), "output": redact_uri(self.loc.uri())}
+                                  "user": _user(), "output": self._shown}
         record.update(self.owner)
         now = now_iso()
         record.update(token=token, started_at=now, heartbeat_at=now, heartbeat_epoch=time.time(), beat=0,
@@ -241,7 +242,7 @@ class OutputLock:
         left = max(0.0, limit - age)
         at = (datetime.now(timezone.utc) + timedelta(seconds=left)).isoformat(timespec="seconds").replace("+00:00", "Z")
         message = (
-            f"output {redact_uri(self.loc.uri())!r} is locked by another job: {_describe(record)}; its last heartbeat "
+            f"output {self._shown!r} is locked by another job: {_describe(record)}; its last heartbeat "
             f"was {age:.0f} s ago, so if that job has died the lock may be taken over in {left:.0f} s "
             f"(at {at}, after {limit:.0f} s without a heartbeat). Lock file: {self._store.where(snap.version)}"
         )
@@ -283,11 +284,11 @@ class OutputLock:
         if silent > self.timeout_s:
             self._mark_lost(f"its heartbeat could not be renewed for {silent:.0f} s ({type(exc).__name__}: {exc})")
         else:
-            log.warning("could not renew the lock on %s (will retry): %s: %s", redact_uri(self.loc.uri()), type(exc).__name__, exc)
+            log.warning("could not renew the lock on %s (will retry): %s: %s", self._shown, type(exc).__name__, exc)
 
     def _mark_lost(self, reason: str) -> None:
         self._lost_reason = reason
-        log.error("lost the lock on output %s: %s", redact_uri(self.loc.uri()), reason)
+        log.error("lost the lock on output %s: %s", self._shown, reason)
 
     def _verify(self) -> None:
         snap = self._store.read()
@@ -304,10 +305,10 @@ class OutputLock:
                     "released_by": {k: self._record.get(k) for k in ("run_id", "host", "pid", "started_at")}}
         try:
             if self._store.swap(self._version, released) is None:
-                log.warning("the lock on %s had been taken over by another job before release", redact_uri(self.loc.uri()))
+                log.warning("the lock on %s had been taken over by another job before release", self._shown)
         except Exception as exc:  # noqa: BLE001 - the lease runs out on its own
             log.warning("could not release the lock on %s (it expires after %.0f s): %s: %s",
-                        redact_uri(self.loc.uri()), self.timeout_s, type(exc).__name__, exc)
+                        self._shown, self.timeout_s, type(exc).__name__, exc)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,9 @@
 Rows are grouped by unit (:func:`unit_parts`, which the Delta Lake stage shares); each group is
 written to staging and moved into place under a name derived from its input file and the exact
 rows it holds (:func:`pipelines.sink.records.output_name`),
-so a retried task replaces its file instead of adding a second copy. Before it writes to staging
-and again right before the move, the task checks the job's fencing token
-(:class:`pipelines.sink.lock.Fence`): a job that lost its lease moves nothing into place. A task
-stopped while it writes may leave a file in staging (``_mtcls/staging/``, which readers skip like
+so a retried task replaces its file instead of adding a second copy. Right before the move the
+task checks the job's fencing token (:class:`pipelines.sink.lock.Fence`): a job that lost its lease
+moves nothing into place. A task stopped while it writes may leave a file in staging (``_mtcls/staging/``, which readers skip like
 every ``_``-prefixed path); the next run clears it.
 """
 
@@ -137,8 +136,6 @@ def write_units(batch: pa.Table, units: list[dict[str, Any]], schema: pa.Schema,
     """
     records = []
     for part in unit_parts(batch, units, schema, input_uris, fingerprints, profile_heads):
-        if fence is not None:
-            fence.check()  # a job that already lost its lease writes nothing, not even to staging
         tmp = posixpath.join(staging, f"{part.name}.{uuid.uuid4().hex[:8]}")
         out_fs.makedirs(staging, exist_ok=True)
         with out_fs.open(tmp, "wb") as fh:
