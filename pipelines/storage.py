@@ -134,6 +134,14 @@ def redact_uris(value: Any) -> Any:
     return value
 
 
+def delta_storage_options(loc: Location) -> dict[str, str]:
+    """deltalake's storage options for ``loc``: credentials come from the environment, as for fsspec;
+    a plain-HTTP S3 endpoint (``AWS_ENDPOINT_URL=http://...``, a test or on-premises store) is allowed."""
+    if loc.protocol in ("s3", "s3a") and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        return {"AWS_ALLOW_HTTP": "true"}
+    return {}
+
+
 def _hidden(path: str, root: str) -> bool:
     rel = posixpath.relpath(path, root)
     return any(part.startswith(("_", ".")) for part in rel.split("/"))

@@ -28,8 +28,9 @@ from pipelines.tokenize import ship_tokenizer, tokenize_stage
 from pipelines.resources import InferencePlan, cpu_stage_cpus, plan_inference
 from pipelines.progress import Progress
 from pipelines.runtime import data_progress, init_ray
-from pipelines.sink.completion import require_complete
-from pipelines.storage import (InputError, column_names, inspect_parquet, list_parquet_files, locate, redact_uri, redact_uris,
+from pipelines.sink.completion import delta_output_metadata, require_complete
+from pipelines.sources import resolve_input
+from pipelines.storage import (InputError, column_names, inspect_parquet, locate, redact_uri, redact_uris,
                                write_json)
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ def evaluate_predictions(cfg: EvalConfig, specs: list[HeadSpec]) -> tuple[dict[s
     import ray.data
 
     pred_loc, label_loc = locate(cfg.predictions), locate(cfg.labels)
-    pred_files = list_parquet_files(pred_loc)
-    label_files = list_parquet_files(label_loc)
+    pred_files = resolve_input(pred_loc).files  # a Delta scoring output: the files of its latest version
+    label_files = resolve_input(label_loc).files
     label_columns = resolve_label_columns(specs, column_names(label_loc, label_files[0]), cfg.label_columns)
     needed_labels = list(dict.fromkeys([cfg.id_column, *label_columns.values(), *cfg.slice_by]))
     inspect_parquet(label_loc, label_files, needed_labels)
@@ -93,7 +94,7 @@ def evaluate_data(cfg: EvalConfig, specs: list[HeadSpec], model_dir: Any, model_
     from transformers import AutoTokenizer
 
     loc = locate(cfg.data)
-    files = list_parquet_files(loc)
+    files = resolve_input(loc).files
     label_columns = resolve_label_columns(specs, column_names(loc, files[0]), cfg.label_columns)
     kept = list(dict.fromkeys([*label_columns.values(), *cfg.slice_by]))
     needed = list(dict.fromkeys([*cfg.text_columns, *kept]))
@@ -150,9 +151,12 @@ def specs_from_predictions(uri: str) -> tuple[list[HeadSpec], dict[str, Any]]:
     from pipelines.sink.schema import read_metadata
 
     loc = locate(uri)
-    files = list_parquet_files(loc)
-    with loc.fs.open(files[0], "rb") as fh:
-        meta = read_metadata(pq.ParquetFile(fh).schema_arrow)
+    source = resolve_input(loc)
+    if source.format == "delta":  # compaction drops data files' footers: the table keeps the metadata
+        meta = delta_output_metadata(loc)
+    else:
+        with loc.fs.open(source.files[0], "rb") as fh:
+            meta = read_metadata(pq.ParquetFile(fh).schema_arrow)
     return [HeadSpec.from_dict(h["spec"]) for h in meta["heads"]], meta["model"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -19,13 +19,22 @@ EMBEDDING_DTYPES: tuple[str, ...] = get_args(EmbeddingDtype)
 
 OutputFormat = Literal["parquet", "delta"]
 """Allowed ``output_format`` values."""
+InputFormat = Literal["auto", "parquet", "delta"]
+"""Allowed ``input_format`` values."""
 
 
 class ScoreConfig(JobConfig):
     """Config of ``jobs.score``. Every key can be set in YAML or as ``key=value``."""
 
     input: str = Field("", description=(
-        "Parquet file or directory, any fsspec URI (local, `s3://`, `gs://` ...). Empty: the embedded demo corpus."))
+        "Parquet file or directory, or a Delta Lake table, any fsspec URI (local, `s3://`, `gs://` ...). Empty: "
+        "the embedded demo corpus."))
+    input_format: InputFormat = Field("auto", description=(
+        "`auto`: a directory holding `_delta_log/` is read as a Delta table, anything else as Parquet. "
+        "`parquet` or `delta` to say so (a Delta table is never read as a plain directory, which also "
+        "holds the files the table removed). See [Delta Lake input](#delta-lake-input)."))
+    input_version: Optional[int] = Field(None, ge=0, description=(
+        "A Delta table input's version to read (recorded in the manifest); unset: the latest."))
     output: str = Field("outputs/score", description="Output directory URI.")
     model: str = Field("", description=(
         "Saved model directory (local or URI), with its tokenizer. Empty: the embedded default model."))
@@ -165,6 +174,10 @@ class ScoreConfig(JobConfig):
         if self.from_embeddings and self.num_gpus_per_actor > 0:
             raise ConfigError("key 'num_gpus_per_actor': from_embeddings runs only the heads, on CPU actors; use 0 or -1")
         check_inference_precision(self)
+        if self.input_format == "delta" and importlib.util.find_spec("deltalake") is None:
+            raise ConfigError("key 'input_format': a Delta table input needs the deltalake package: pip install 'mtcls[delta]'")
+        if self.input_version is not None and self.input_format == "parquet":
+            raise ConfigError("key 'input_version': pins a Delta table's version; input_format=parquet has none")
         if self.output_format == "delta":
             if importlib.util.find_spec("deltalake") is None:
                 raise ConfigError("key 'output_format': delta needs the deltalake package: pip install 'mtcls[delta]'")

@@ -58,6 +58,8 @@ def dry_run(cfg: ScoreConfig, plan: Any, sink: Any) -> dict[str, Any]:
     out = {
         "plan": True,
         "input": redact_uri(cfg.input),
+        "input_format": plan.source.format,
+        "input_version": plan.source.version,
         "output": redact_uri(cfg.output),
         "output_format": getattr(cfg, "output_format", "parquet"),
         "model": plan.identity,
@@ -82,8 +84,10 @@ def log_start(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
     rows = sum(f.rows for f in plan.inputs.values())
     left = sum(u.pending_rows for u in pending)
     logging.getLogger("pipelines.score").info(
-        "score %s (%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
-        "%d torch threads each, precision %s", redact_uri(cfg.input), len(plan.inputs), rows, redact_uri(cfg.output),
+        "score %s (%s%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
+        "%d torch threads each, precision %s", redact_uri(cfg.input),
+        f"Delta table version {plan.source.version}, " if plan.source.format == "delta" else "", len(plan.inputs), rows,
+        redact_uri(cfg.output),
         left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
         resources.torch_threads, cfg.precision)
 

@@ -46,7 +46,8 @@ from pipelines.sink.records import checksum_file, id_type_ok
 from pipelines.sink.schema import embedding_type, output_schema, selected_heads
 from pipelines.sink.units import InputFile, Unit, plan_units
 from pipelines.tokenize import ship_tokenizer
-from pipelines.storage import InputError, inspect_parquet, list_parquet_files, locate, redact_uri, redact_uris
+from pipelines.sources import InputSource, resolve_input
+from pipelines.storage import InputError, inspect_parquet, locate, redact_uri, redact_uris
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class _Plan:
     encoder: Optional[dict[str, Any]]
     max_length: int
     model_files: dict[str, bytes]
+    source: InputSource
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
@@ -131,8 +133,10 @@ def _plan(cfg: ScoreConfig) -> _Plan:
     model_dir = localize_model(cfg.model)
     in_loc, out_loc = locate(cfg.input), locate(cfg.output)
     check_apart(in_loc, out_loc)
-    files = list_parquet_files(in_loc)
     passthrough = [cfg.id_column, *cfg.passthrough_columns]
+    source_input = resolve_input(in_loc, cfg.input_format, cfg.input_version,
+                                 tuple(passthrough if cfg.from_embeddings else [*passthrough, *cfg.text_columns]))
+    files = source_input.files
     model_config = MultiTaskConfig.from_pretrained(model_dir)
     specs = selected_heads(model_config.head_specs(), cfg.heads)
     max_length = cfg.max_length or model_config.max_seq_length
@@ -153,7 +157,7 @@ def _plan(cfg: ScoreConfig) -> _Plan:
     units, inputs = plan_units(in_loc, files, cfg.rows_per_file)
     # int8: the export runs here, once per encoder, so a model the route cannot handle fails before any output.
     model_files = shipped_model_files(model_dir, cfg.precision)
-    return _Plan(model_dir, model_config, identity, schema, units, inputs, encoder, max_length, model_files)
+    return _Plan(model_dir, model_config, identity, schema, units, inputs, encoder, max_length, model_files, source_input)
 
 
 def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
@@ -288,6 +292,8 @@ def _manifest(cfg: ScoreConfig, plan: _Plan, verification: Verification, scored:
     return {
         "status": "complete" if not verification.problems and verification.rows_out == rows_in else "incomplete",
         "input": redact_uri(cfg.input),
+        "input_format": plan.source.format,
+        "input_version": plan.source.version,
         "output": redact_uri(cfg.output),
         "model": plan.identity,
         **({"encoder": plan.encoder} if plan.encoder is not None else {}),

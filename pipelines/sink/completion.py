@@ -2,7 +2,8 @@
 
 The scoring job writes ``_manifest.json`` at the end of every run and ``_SUCCESS`` last, only when
 every input row is in the output once; its manifest's ``status`` is ``complete`` or
-``incomplete``. A reader of an output that lacks either reports on part of the data without
+``incomplete``. A Delta table output records the same in its table property ``mtcls.status``,
+set in the commit that ends a complete run (:mod:`pipelines.sink.delta`). A reader of an output that lacks either reports on part of the data without
 knowing it, so :func:`require_complete` refuses it unless the job's override key says to read it
 anyway.
 """
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 SUCCESS_FILE = "_SUCCESS"
 #: The manifest of the output's last run.
 MANIFEST_FILE = "_manifest.json"
+#: A Delta table output's property that says ``complete`` or ``incomplete`` (its ``_SUCCESS``).
+PROP_STATUS = "mtcls.status"
+#: A Delta table output's property holding the ``mtcls`` metadata (heads, model) that data files'
+#: footers also carry; compaction drops those footers.
+PROP_METADATA = "mtcls.metadata"
 
 
 def completion_problems(loc: Location) -> list[str]:
@@ -27,8 +33,14 @@ def completion_problems(loc: Location) -> list[str]:
 
     Checks that ``_manifest.json`` exists, is readable, and does not say ``"status"`` other than
     ``"complete"`` (a manifest without a status, written by an older mtcls, relies on
-    ``_SUCCESS``), and that ``_SUCCESS`` exists.
+    ``_SUCCESS``), and that ``_SUCCESS`` exists. A Delta table output: that its latest version's
+    ``mtcls.status`` property says ``complete``.
     """
+    from pipelines.sources import is_delta_table
+
+    if is_delta_table(loc):
+        status = _delta_properties(loc).get(PROP_STATUS)
+        return [] if status == "complete" else [f"its table property {PROP_STATUS} is {json.dumps(status)}"]
     fs = loc.fs
     try:
         fs.invalidate_cache(loc.path)  # object stores cache listings; a marker may have just appeared or gone
@@ -76,3 +88,24 @@ def require_complete(loc: Location, allow_incomplete: bool, key: str) -> list[st
                          f"part of the rows; complete it (run jobs.score on it again) or set {key}=true to read it anyway")
     log.warning("scoring output %r is not complete (%s); reading it anyway (%s=true)", uri, "; ".join(problems), key)
     return problems
+
+
+def delta_output_metadata(loc: Location) -> dict:
+    """The ``mtcls`` metadata of a Delta table scoring output (heads, model), from its table
+    properties: compaction rewrites data files without the footers that carry it.
+
+    Raises:
+        InputError: The table was not written by the scoring job.
+    """
+    raw = _delta_properties(loc).get(PROP_METADATA)
+    if raw is None:
+        raise InputError(f"Delta table {redact_uri(loc.uri())!r} has no {PROP_METADATA} property: is it the output of jobs.score?")
+    return json.loads(raw)
+
+
+def _delta_properties(loc: Location) -> dict:
+    from deltalake import DeltaTable
+
+    from pipelines.storage import delta_storage_options
+
+    return dict(DeltaTable(loc.uri(), storage_options=delta_storage_options(loc)).metadata().configuration)

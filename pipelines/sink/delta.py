@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import posixpath
 import random
 import re
@@ -62,6 +61,7 @@ from mtcls import HeadSpec
 from mtcls.profile import merge_profiles
 from pipelines.sink.base import (Checksums, Committed, Problem, Resume, Sink, Verification, mark_done,
                                  missing_inputs)
+from pipelines.sink.completion import PROP_METADATA, PROP_STATUS
 from pipelines.sink.cover import exact_cover, merge_ranges
 from pipelines.sink.lock import OutputLock
 from pipelines.sink.parquet import output_layout
@@ -69,7 +69,7 @@ from pipelines.sink.records import output_name, row_ranges
 from pipelines.sink.schema import METADATA_KEY
 from pipelines.sink.units import InputFile, Unit
 from pipelines.sink.write import WRITTEN_SCHEMA, file_record, unit_parts, written_record
-from pipelines.storage import InputError, Location, redact_uri
+from pipelines.storage import InputError, Location, delta_storage_options, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,6 @@ PROP_COLUMNS = "mtcls.layout.columns"
 PROP_MODEL_HASH = "mtcls.layout.model"
 PROP_MODEL = "mtcls.model"
 PROP_HEADS = "mtcls.heads"
-PROP_METADATA = "mtcls.metadata"
-PROP_STATUS = "mtcls.status"
 
 FORMAT_VERSION = "1"
 APP_ID_PREFIX = "mtcls-commit-"
@@ -213,7 +211,7 @@ class DeltaSink(Sink):
         self.owner = owner or {}
         self.commit_every_files = commit_every_files
         self.commit_every_s = commit_every_s
-        self.storage_options = _storage_options(loc) if storage_options is None else storage_options
+        self.storage_options = delta_storage_options(loc) if storage_options is None else storage_options
         self.internal = loc.join("_mtcls")
         self.run_id = uuid.uuid4().hex[:12]
         self.lock: Optional[OutputLock] = None
@@ -963,10 +961,3 @@ def _mtime_s(info: dict[str, Any]) -> Optional[float]:
         with contextlib.suppress(ValueError):
             return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
     return None
-
-
-def _storage_options(loc: Location) -> dict[str, str]:
-    """deltalake's storage options for ``loc`` (credentials come from the environment, as for fsspec)."""
-    if loc.protocol in ("s3", "s3a") and os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-        return {"AWS_ALLOW_HTTP": "true"}
-    return {}

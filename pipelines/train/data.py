@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtcls import BALANCED, HeadSpec, encode_labels, get_kind, join_texts, tokenize
-from pipelines.storage import InputError, Location, list_parquet_files, locate, read_footer
+from pipelines.sources import resolve_input
+from pipelines.storage import InputError, Location, locate, read_footer
 
 from pipelines.train.config import TrainConfig
 
@@ -46,11 +47,11 @@ class ParquetSource:
 
 
 def list_sources(uris: list[str]) -> list[ParquetSource]:
-    """Every Parquet file under the URIs, with its columns and rows; a bad footer fails here, named."""
+    """Every Parquet file under the URIs (a Delta table's: those of its latest version), with its columns and rows; a bad footer fails here, named."""
     out = []
     for uri in uris:
         loc = locate(uri)
-        for path in list_parquet_files(loc):
+        for path in resolve_input(loc).files:  # a Delta table: the files of its latest version
             schema, rows = read_footer(loc, path)
             out.append(ParquetSource(loc, path, schema.names, rows))
     return out

@@ -24,6 +24,7 @@ from deltalake import DeltaTable  # noqa: E402
 from pipelines.blocks import PRECISION, ROW, UNIT, precision_column  # noqa: E402
 from pipelines.config import ConfigError  # noqa: E402
 from pipelines.sink.delta import DATA_FILE, DeltaSink, TableReplacedError  # noqa: E402
+from pipelines.sink.completion import completion_problems  # noqa: E402
 from pipelines.sink.records import checksum_file, ids_checksum  # noqa: E402
 from pipelines.sink.schema import ERROR_COLUMN, TRUNCATED_COLUMN  # noqa: E402
 from pipelines.sink.units import plan_units  # noqa: E402
@@ -259,6 +260,17 @@ def test_scoring_into_delta_then_rerun_and_compaction_are_no_ops(tmp_path, tiny_
     assert len(dt.file_uris()) == 1 and dt.metadata().configuration["mtcls.ids_checksum"] == checksum
     assert sorted(dt.to_pyarrow_table(columns=["id"]).column("id").to_pylist()) == sorted(ids)
 
+    # Evaluation reads it as a table: complete by its status property, the files of the latest version,
+    # the heads from the table's properties (the compacted file's footer has none).
+    from pipelines.evaluate.run import specs_from_predictions
+    from pipelines.sources import resolve_input
+
+    loc = locate(str(out))
+    assert completion_problems(loc) == [] and len(resolve_input(loc).files) == 1 < len(list(out.glob("part-*.parquet")))
+    assert b"mtcls" not in (pq.read_schema(resolve_input(loc).files[0]).metadata or {})
+    specs, identity = specs_from_predictions(str(out))
+    assert [s.name for s in specs] == list(heads) and identity["weights_sha256"] == manifest["model"]["weights_sha256"]
+
 
 def write_inputs(path: Path, files: int, rows: int) -> list[str]:
     path.mkdir(parents=True)
@@ -328,6 +340,7 @@ def test_sigkill_inside_commits_then_rerun_leaves_each_id_once(tmp_path, tiny_mo
         seen = table_ids(out)
         assert len(seen) == len(set(seen)) and 0 < len(seen) < len(ids), kill
         assert DeltaTable(str(out)).metadata().configuration["mtcls.status"] == "incomplete"
+        assert completion_problems(locate(str(out))) == ['its table property mtcls.status is "incomplete"']
     at_kill = len(seen)
     rerun = subprocess.run(score_cmd(tmp_path / "in", out, tiny_model_dir), cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"},
                            capture_output=True, text=True, timeout=600)

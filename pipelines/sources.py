@@ -1,0 +1,124 @@
+"""Where a job's rows come from: a Parquet file or directory, or a Delta Lake table at one version.
+
+A Delta table is read through its log: the data files of the version read (the latest, or the one
+pinned with ``input_version``), never the directory listing, which also holds files the table
+removed. Its data files are plain Parquet files that the table never rewrites in place, so they are
+planned, fingerprinted and read exactly as the files of a directory: a rerun after appends finds
+the old files committed and scores only the new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import unquote
+
+from pipelines.config import ConfigError
+from pipelines.storage import InputError, Location, delta_storage_options, list_parquet_files, redact_uri
+
+log = logging.getLogger(__name__)
+
+#: The directory that makes a directory a Delta table.
+DELTA_LOG = "_delta_log"
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """The input as planned.
+
+    Attributes:
+        loc: The input location (a file, a directory or the table's root).
+        files: Parquet data files to read, paths on ``loc.fs``, in a stable order.
+        format: ``parquet`` or ``delta``.
+        version: The Delta table version read (None for Parquet).
+    """
+
+    loc: Location
+    files: list[str]
+    format: str
+    version: Optional[int] = None
+
+    def describe(self) -> dict[str, Any]:
+        """What a manifest records of the input: its URI (credentials removed), format and version."""
+        out: dict[str, Any] = {"uri": redact_uri(self.loc.uri()), "format": self.format}
+        if self.version is not None:
+            out["version"] = self.version
+        return out
+
+
+def is_delta_table(loc: Location) -> bool:
+    """Whether ``loc`` is a directory holding a Delta log."""
+    try:
+        return loc.fs.isdir(loc.join(DELTA_LOG).path)
+    except OSError:
+        return False
+
+
+def resolve_input(loc: Location, input_format: str = "auto", version: Optional[int] = None,
+                  needed: tuple[str, ...] = ()) -> InputSource:
+    """The data files of the input, read by its format.
+
+    Args:
+        loc: The input location.
+        input_format: ``auto`` (a directory holding ``_delta_log/`` is a Delta table, anything
+            else Parquet), ``parquet`` or ``delta``.
+        version: The Delta version to read; None: the latest.
+        needed: Columns the job reads (a Delta table's partition columns are not in its data
+            files, so a needed one is refused).
+
+    Raises:
+        ConfigError: ``input_version`` on a Parquet input; ``input_format=delta`` without deltalake.
+        InputError: Missing input, a Delta table that cannot be read at that version, or one with
+            features this reader cannot apply (deletion vectors, column mapping); a Delta table read
+            as plain Parquet.
+    """
+    delta = input_format == "delta" or (input_format == "auto" and is_delta_table(loc))
+    if not delta:
+        if version is not None:
+            raise ConfigError(f"key 'input_version': {redact_uri(loc.uri())!r} is not a Delta table (no {DELTA_LOG}/); "
+                              f"input_version pins a Delta table's version")
+        if is_delta_table(loc):
+            raise InputError(f"input {redact_uri(loc.uri())!r} is a Delta table: read as a Parquet directory it would include "
+                             f"data files the table removed; use input_format=auto or delta")
+        return InputSource(loc, list_parquet_files(loc), "parquet")
+    return _delta_source(loc, version, needed)
+
+
+def _delta_source(loc: Location, version: Optional[int], needed: tuple[str, ...]) -> InputSource:
+    try:
+        from deltalake import DeltaTable
+    except ImportError as exc:
+        raise ConfigError("key 'input_format': a Delta table input needs the deltalake package: pip install 'mtcls[delta]'") from exc
+    uri = redact_uri(loc.uri())
+    options = delta_storage_options(loc)
+    if not DeltaTable.is_deltatable(loc.uri(), options):
+        raise InputError(f"input {uri!r} is not a Delta table (no readable {DELTA_LOG}/)")
+    try:
+        dt = DeltaTable(loc.uri(), version=version, storage_options=options)
+    except Exception as exc:  # noqa: BLE001 - deltalake raises its own error types for a missing version
+        latest = DeltaTable(loc.uri(), storage_options=options).version()
+        raise InputError(f"cannot read Delta table {uri!r} at version {version}: the latest is {latest} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    features = set(dt.protocol().reader_features or [])
+    config = dt.metadata().configuration
+    if "deletionVectors" in features and config.get("delta.enableDeletionVectors", "false") == "true":
+        raise InputError(f"Delta table {uri!r} uses deletion vectors, which this job does not apply (it reads whole data "
+                         f"files); purge them first (Spark: REORG TABLE ... APPLY (PURGE))")
+    if config.get("delta.columnMapping.mode", "none") != "none":
+        raise InputError(f"Delta table {uri!r} uses column mapping ({config['delta.columnMapping.mode']}): its data files "
+                         f"name columns differently from the table; this job cannot read it")
+    partition = [c for c in needed if c in (dt.metadata().partition_columns or [])]
+    if partition:
+        raise InputError(f"Delta table {uri!r}: column(s) {partition} are partition columns, which are not in its data "
+                         f"files; this job reads only data columns")
+    paths = sorted(unquote(p) for p in dt.get_add_actions(flatten=True).column("path").to_pylist())
+    if not paths:
+        raise InputError(f"Delta table {uri!r} holds no data files at version {dt.version()}")
+    files = [p if "://" in p else posixpath.join(loc.path, p) for p in paths]
+    if any("://" in p for p in files):
+        raise InputError(f"Delta table {uri!r} references data files outside its directory (shallow clone); this job "
+                         f"reads only files under the table")
+    log.debug("input %s: Delta table version %d, %d data files", uri, dt.version(), len(files))
+    return InputSource(loc, files, "delta", dt.version())
