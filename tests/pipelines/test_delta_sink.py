@@ -271,6 +271,17 @@ def test_scoring_into_delta_then_rerun_and_compaction_are_no_ops(tmp_path, tiny_
     specs, identity = specs_from_predictions(str(out))
     assert [s.name for s in specs] == list(heads) and identity["weights_sha256"] == manifest["model"]["weights_sha256"]
 
+    # Other engines read the same rows: polars, and DuckDB's delta_scan (the extension from its pip package).
+    import duckdb
+    import duckdb_extension_delta
+    import polars as pl
+
+    assert sorted(pl.read_delta(str(out)).get_column("id").to_list()) == sorted(ids)
+    extension = Path(duckdb_extension_delta.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "delta.duckdb_extension"
+    con = duckdb.connect()
+    con.execute(f"LOAD '{extension}'")
+    assert sorted(r[0] for r in con.execute(f"SELECT id FROM delta_scan('{out}')").fetchall()) == sorted(ids)
+
 
 def write_inputs(path: Path, files: int, rows: int) -> list[str]:
     path.mkdir(parents=True)
