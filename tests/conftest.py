@@ -147,12 +147,21 @@ def tiny_encoder_dir(tmp_path_factory, tokenizer):
 
 
 @contextlib.contextmanager
-def moto_s3(secret: str = "mtcls-test-secret"):
+def moto_s3(secret: str = "mtcls-test-secret", own_process: bool = False):
     """moto's S3 server on loopback with credentials in the environment (restored afterwards).
 
     Yields the endpoint URL. Ray workers started inside the block inherit the credentials.
+
+    Args:
+        secret: The secret access key put in the environment.
+        own_process: Run the server in a process of its own, not a thread of this one: needed when
+            this process calls a library that holds the GIL while it waits for the server
+            (deltalake's ``is_deltatable``).
     """
     import socket
+    import subprocess
+    import sys
+    import time
 
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -160,8 +169,27 @@ def moto_s3(secret: str = "mtcls-test-secret"):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    if own_process:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto's server did not start")
+            time.sleep(0.1)
+
+        class _Stop:
+            def stop(self) -> None:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+        server = _Stop()
+    else:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server.start()
     env = {"AWS_ACCESS_KEY_ID": "mtcls-test-key", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     old = {k: os.environ.get(k) for k in env}

@@ -64,6 +64,7 @@ from pipelines.sink.base import (Checksums, Committed, Problem, Resume, Sink, Ve
 from pipelines.sink.completion import PROP_METADATA, PROP_STATUS
 from pipelines.sink.cover import exact_cover, merge_ranges
 from pipelines.sink.lock import OutputLock
+from pipelines.sink.lock_stores import check_conditional_writes
 from pipelines.sink.parquet import output_layout
 from pipelines.sink.records import output_name, row_ranges
 from pipelines.sink.schema import METADATA_KEY
@@ -267,11 +268,13 @@ class DeltaSink(Sink):
     @contextlib.contextmanager
     def open(self, overwrite: bool, inputs: Optional[dict[str, InputFile]] = None) -> Iterator["DeltaSink"]:
         """Refuses a foreign output or one written with other columns or another model (and, given
-        ``inputs``, one holding rows of inputs no longer listed) before anything is touched, takes
+        ``inputs``, one holding rows of inputs no longer listed), and an S3 store without
+        conditional writes, before anything is touched (but a probe object under ``_mtcls/``), takes
         the lease (``lock``), then replaces the table (``overwrite``) or creates it, and removes
         data files that no version references."""
         dt = self.table()
         self.check_owner(overwrite, dt)
+        check_conditional_writes(self.loc, "a Delta table output")
         if dt is not None and not overwrite:
             self.check_table(dt)
             if inputs is not None:

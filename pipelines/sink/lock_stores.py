@@ -6,6 +6,7 @@ swaps it for a new record only if it is still the version that was read.
 
 from __future__ import annotations
 
+import contextlib
 import abc
 import errno
 import hashlib
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from pipelines.storage import Location
+from pipelines.storage import InputError, Location, redact_uri
 
 LOCK_DIR = "_mtcls"
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -254,6 +255,36 @@ class _S3Store(Store):
         snap = self.read()
         mine = snap.record is not None and all(snap.record.get(k) == record[k] for k in ("token", "beat"))
         return snap.version if mine else None
+
+
+def check_conditional_writes(loc: Location, what: str) -> None:
+    """Refuses an S3 store that does not honour conditional writes (``If-None-Match: *``).
+
+    Delta commits (a log entry created only if absent) and the S3 lease depend on them; AWS S3 has
+    them, some S3-compatible stores ignore the header and overwrite. The probe creates one object
+    under ``_mtcls/`` twice: the second must fail. Other protocols: nothing to check.
+
+    Args:
+        loc: The output location.
+        what: What needs them, named in the error (``output_format=delta`` ...).
+
+    Raises:
+        InputError: The store overwrote the probe, naming the output.
+    """
+    if loc.protocol not in ("s3", "s3a"):
+        return
+    probe = loc.join(LOCK_DIR, f"probe-{uuid.uuid4().hex}")
+    loc.fs.pipe_file(probe.path, b"1", mode="create")
+    try:
+        loc.fs.pipe_file(probe.path, b"2", mode="create")
+    except FileExistsError:
+        return
+    finally:
+        with contextlib.suppress(OSError):
+            loc.fs.rm(probe.path)
+    raise InputError(f"the store of {redact_uri(loc.uri())!r} ignored a conditional write (If-None-Match: *): it overwrote "
+                     f"an object that had to be created only if absent. {what} relies on such writes to never lose or "
+                     f"double a commit; use a store that supports them (AWS S3 does; for MinIO or Ceph, a recent version)")
 
 
 def _is_conflict(exc: BaseException) -> bool:

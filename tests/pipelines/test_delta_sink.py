@@ -213,6 +213,53 @@ def test_foreign_outputs_are_refused_and_a_replaced_table_stops_its_writers(tmp_
     assert table_ids(out) == []
 
 
+def test_on_s3_commits_are_conditional_and_a_store_without_them_is_refused(tmp_path, planned, monkeypatch):
+    """moto's S3 honours If-None-Match: the sink commits there exactly once, and a writer whose table
+    moved behind it is refused by the store, not allowed to overwrite a log entry. A store that ignores
+    the condition (as some S3-compatible stores do) is refused before anything is written."""
+    import s3fs
+    from deltalake import write_deltalake
+
+    from pipelines.storage import delta_storage_options
+    from tests.conftest import moto_s3
+
+    units, inputs = planned
+    with moto_s3(own_process=True):
+        s3fs.S3FileSystem().mkdir("bkt")
+        loc = locate("s3://bkt/scores")
+        options = {**delta_storage_options(loc), "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
+        sink = DeltaSink(loc, SCHEMA, lock=False, storage_options=options)
+        with sink.open(overwrite=False, inputs=inputs):
+            sink.resume(units, inputs)
+            written = write(sink, units, inputs, [0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+            assert sink.commit(written).num_rows == 2 and sink.commit(written).num_rows == 0
+            assert sink.verify(inputs, local_checksums).problems == []
+        dt = DeltaTable(loc.uri(), storage_options=options)
+        assert sorted(dt.to_pyarrow_table(columns=["id"]).column("id").to_pylist()) == sorted(f"r{i}" for i in range(10))
+        assert not [p for p in s3fs.S3FileSystem().find("bkt/scores/_mtcls") if "probe-" in p]
+        # A writer holding an older version cannot write over the log entry another writer made.
+        stale = DeltaTable(loc.uri(), storage_options=options)
+        write_deltalake(loc.uri(), pa.table({"id": ["x"], "score": pa.array([0.5], pa.float32()), TRUNCATED_COLUMN: [False],
+                                             ERROR_COLUMN: pa.nulls(1, pa.string())}), mode="append", storage_options=options)
+        from deltalake.exceptions import CommitFailedError
+        from deltalake.transaction import CommitProperties
+
+        with pytest.raises(CommitFailedError):
+            write_deltalake(stale, pa.table({"id": ["y"], "score": pa.array([0.5], pa.float32()), TRUNCATED_COLUMN: [False],
+                                             ERROR_COLUMN: pa.nulls(1, pa.string())}), mode="append",
+                            commit_properties=CommitProperties(max_commit_retries=0), storage_options=options)
+
+        # A store that ignores If-None-Match: every write lands, overwriting.
+        other_loc = locate("s3://bkt/other")
+        original = other_loc.fs.pipe_file
+        monkeypatch.setattr(other_loc.fs, "pipe_file", lambda path, data, mode="overwrite", **kw: original(path, data, **kw))
+        other = DeltaSink(other_loc, SCHEMA, lock=False, storage_options=options)
+        with pytest.raises(InputError, match="ignored a conditional write"):
+            with other.open(overwrite=False, inputs=inputs):
+                pass
+        assert not s3fs.S3FileSystem().exists("bkt/other/_delta_log")
+
+
 def test_config_keys_fail_before_any_work_naming_the_key():
     from pipelines.score import ScoreConfig
 
