@@ -30,6 +30,12 @@ def test_bad_config_fails_at_once_naming_the_key(tmp_path, tiny_model_dir):
     missing = run_job(f"output={tmp_path}/o", f"input={tmp_path}/absent.parquet", f"model={tiny_model_dir}")
     assert missing.returncode == 2
     assert f"input path '{tmp_path}/absent.parquet' does not exist" in missing.stderr
+    # An input the job cannot identify rows of (a list id column): 2, naming the column, before any output.
+    pq.write_table(pa.table({"id": [[1], [2]], "text": ["a", "b"]}), tmp_path / "listed.parquet")
+    listed = run_job(f"output={tmp_path}/o", f"input={tmp_path}/listed.parquet", f"model={tiny_model_dir}")
+    assert listed.returncode == 2, listed.stderr[-3000:]
+    assert "error: id column 'id' is list<element: int64>: it cannot identify rows" in listed.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_job_scores_with_a_config_and_prints_a_summary(tmp_path, tiny_model_dir):
