@@ -26,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     config_path, overrides = parse_job_args(argv, "Score Parquet text with a multi-head classifier", ScoreConfig)
     cfg = load_config(ScoreConfig, config_path, overrides)
     setup_logging(cfg.verbose)
-    cfg = with_embedded_defaults(cfg, "input")
+    cfg = with_embedded_defaults(cfg, None if cfg.input_table else "input")
     manifest = run_score(cfg)
     if cfg.plan:  # a dry run: the plan, nothing written
         print(json.dumps(manifest, indent=2))

@@ -1,10 +1,12 @@
-"""Where a job's rows come from: a Parquet file or directory, or a Delta Lake table at one version.
+"""Where a job's rows come from: a Parquet file or directory, a Delta Lake table at one version, or
+an Iceberg table at one snapshot.
 
 A Delta table is read through its log: the data files of the version read (the latest, or the one
 pinned with ``input_version``), never the directory listing, which also holds files the table
-removed. Its data files are plain Parquet files that the table never rewrites in place, so they are
-planned, fingerprinted and read exactly as the files of a directory: a rerun after appends finds
-the old files committed and scores only the new ones.
+removed. An Iceberg table is read through its catalog: the data files of the snapshot read (the
+current one, or ``input_snapshot``). Either way the data files are plain Parquet files that the
+table never rewrites in place, so they are planned, fingerprinted and read exactly as the files of
+a directory: a rerun after appends finds the old files committed and scores only the new ones.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Optional
 from urllib.parse import unquote
 
 from pipelines.config import ConfigError
-from pipelines.storage import InputError, Location, delta_storage_options, list_parquet_files, redact_uri
+from pipelines.storage import InputError, Location, delta_storage_options, list_parquet_files, locate, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,22 @@ class InputSource:
     files: list[str]
     format: str
     version: Optional[int] = None
+    table: str = ""
 
     def describe(self) -> dict[str, Any]:
-        """What a manifest records of the input: its URI (credentials removed), format and version."""
+        """What a manifest records of the input: its URI (credentials removed), format and version
+        (an Iceberg table: its name, and the snapshot id as the version)."""
         out: dict[str, Any] = {"uri": redact_uri(self.loc.uri()), "format": self.format}
+        if self.table:
+            out["table"] = self.table
         if self.version is not None:
             out["version"] = self.version
         return out
+
+    @property
+    def name(self) -> str:
+        """How messages name the input: its URI, or ``iceberg table <name>``."""
+        return f"iceberg table {self.table}" if self.table else redact_uri(self.loc.uri())
 
 
 def is_delta_table(loc: Location) -> bool:
@@ -122,3 +133,67 @@ def _delta_source(loc: Location, version: Optional[int], needed: tuple[str, ...]
                          f"reads only files under the table")
     log.debug("input %s: Delta table version %d, %d data files", uri, dt.version(), len(files))
     return InputSource(loc, files, "delta", dt.version())
+
+
+def resolve_iceberg(table: str, snapshot: Optional[int], catalog: dict[str, str], needed: tuple[str, ...] = ()) -> InputSource:
+    """The data files of an Iceberg table at one snapshot, through its catalog.
+
+    Args:
+        table: ``namespace.name``.
+        snapshot: The snapshot id to read; None: the current snapshot.
+        catalog: pyiceberg ``load_catalog`` properties (``type``, ``uri``, ``warehouse`` ...); the
+            catalog's name is ``name`` (default ``default``). Empty: pyiceberg's own configuration
+            (``~/.pyiceberg.yaml``, ``PYICEBERG_CATALOG__*`` variables).
+        needed: Columns the job reads (checked against the table's schema).
+
+    Raises:
+        ConfigError: pyiceberg missing, or the catalog cannot be loaded (naming ``catalog``).
+        InputError: No such table or snapshot, a table without data, delete files (this job reads
+            whole data files), a needed column missing, or data files in a format other than Parquet.
+    """
+    try:
+        from pyiceberg.catalog import load_catalog
+    except ImportError as exc:
+        raise ConfigError("key 'input_table': an Iceberg input needs pyiceberg: pip install 'mtcls[iceberg]'") from exc
+    props = dict(catalog)
+    name = props.pop("name", "default")
+    try:
+        cat = load_catalog(name, **props)
+    except Exception as exc:  # noqa: BLE001 - pyiceberg raises several types for a bad catalog config
+        raise ConfigError(f"key 'catalog': cannot load Iceberg catalog {name!r}: {type(exc).__name__}: {exc}") from exc
+    try:
+        tbl = cat.load_table(table)
+    except Exception as exc:  # noqa: BLE001 - NoSuchTableError, NoSuchNamespaceError ...
+        raise InputError(f"cannot load Iceberg table {table!r} from catalog {name!r}: {type(exc).__name__}: {exc}") from exc
+    if snapshot is None:
+        current = tbl.current_snapshot()
+        if current is None:
+            raise InputError(f"Iceberg table {table!r} has no snapshot (no data)")
+        snapshot = current.snapshot_id
+    elif tbl.snapshot_by_id(snapshot) is None:
+        known = [s.snapshot_id for s in tbl.snapshots()][-5:]
+        raise InputError(f"Iceberg table {table!r} has no snapshot {snapshot} (the latest: {known})")
+    columns = tbl.schema().column_names
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise InputError(f"Iceberg table {table!r} has no column(s) {missing}; its columns: {columns}")
+    tasks = list(tbl.scan(snapshot_id=snapshot).plan_files())
+    deletes = [t.file.file_path for t in tasks if t.delete_files]
+    if deletes:
+        raise InputError(f"Iceberg table {table!r} at snapshot {snapshot} has delete files (row-level deletes) on "
+                         f"{len(deletes)} data files, e.g. {redact_uri(deletes[0])}; this job reads whole data files: "
+                         f"rewrite the table's data files first (Spark: CALL system.rewrite_data_files)")
+    other = [t.file.file_path for t in tasks if str(t.file.file_format).upper().split(".")[-1] != "PARQUET"]
+    if other:
+        raise InputError(f"Iceberg table {table!r}: data file {redact_uri(other[0])} is not Parquet; this job reads Parquet")
+    if not tasks:
+        raise InputError(f"Iceberg table {table!r} holds no data files at snapshot {snapshot}")
+    root = locate(tbl.location())
+    files = []
+    for t in tasks:
+        loc = locate(t.file.file_path)
+        if loc.protocol != root.protocol:
+            raise InputError(f"Iceberg table {table!r}: data file {redact_uri(t.file.file_path)} is on another store than "
+                             f"the table ({redact_uri(root.uri())}); this job reads one store per input")
+        files.append(loc.path)
+    return InputSource(root, sorted(files), "iceberg", snapshot, table)

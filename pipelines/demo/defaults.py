@@ -9,7 +9,7 @@ and training does not depend on the demo.
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 from pydantic import BaseModel
 
@@ -18,16 +18,17 @@ log = logging.getLogger(__name__)
 C = TypeVar("C", bound=BaseModel)
 
 
-def with_embedded_defaults(cfg: C, data_key: str) -> C:
+def with_embedded_defaults(cfg: C, data_key: Optional[str]) -> C:
     """``cfg`` with an empty ``data_key`` set to the demo corpus's test split and an empty ``model``
     to the embedded default model (trained on first use).
 
     Args:
         cfg: A job config with a ``model`` key and ``data_key``.
-        data_key: The key naming the job's input (``input`` for scoring, ``data`` for evaluation).
+        data_key: The key naming the job's input (``input`` for scoring, ``data`` for evaluation);
+            None: the input is given another way (scoring's ``input_table``), only the model is filled in.
     """
     update: dict[str, str] = {}
-    if not getattr(cfg, data_key):
+    if data_key is not None and not getattr(cfg, data_key):
         from pipelines.demo.corpus import default_corpus_dir
 
         update[data_key] = str(default_corpus_dir() / "test.parquet")

@@ -19,7 +19,7 @@ EMBEDDING_DTYPES: tuple[str, ...] = get_args(EmbeddingDtype)
 
 OutputFormat = Literal["parquet", "delta"]
 """Allowed ``output_format`` values."""
-InputFormat = Literal["auto", "parquet", "delta"]
+InputFormat = Literal["auto", "parquet", "delta", "iceberg"]
 """Allowed ``input_format`` values."""
 
 
@@ -35,6 +35,15 @@ class ScoreConfig(JobConfig):
         "holds the files the table removed). See [Delta Lake input](#delta-lake-input)."))
     input_version: Optional[int] = Field(None, ge=0, description=(
         "A Delta table input's version to read (recorded in the manifest); unset: the latest."))
+    input_table: str = Field("", description=(
+        "An Iceberg table to score, `namespace.name`, through the catalog the `catalog.*` keys describe "
+        "(then `input` stays empty). See [Iceberg input](#iceberg-input)."))
+    input_snapshot: Optional[int] = Field(None, description=(
+        "The Iceberg input's snapshot id to read (recorded in the manifest); unset: the current snapshot."))
+    catalog: dict[str, str] = Field(default_factory=dict, description=(
+        "pyiceberg catalog properties for `input_table`, as `catalog.<key>=<value>` (`catalog.type=rest`, "
+        "`catalog.uri=...`, `catalog.warehouse=...`; `catalog.name`: the catalog's name, default `default`). "
+        "Empty: pyiceberg's own configuration (`~/.pyiceberg.yaml`, `PYICEBERG_CATALOG__*`)."))
     output: str = Field("outputs/score", description="Output directory URI.")
     model: str = Field("", description=(
         "Saved model directory (local or URI), with its tokenizer. Empty: the embedded default model."))
@@ -174,6 +183,11 @@ class ScoreConfig(JobConfig):
         if self.from_embeddings and self.num_gpus_per_actor > 0:
             raise ConfigError("key 'num_gpus_per_actor': from_embeddings runs only the heads, on CPU actors; use 0 or -1")
         check_inference_precision(self)
+        if self.input_table or self.input_format == "iceberg":
+            _check_iceberg_input(self)
+        elif self.input_snapshot is not None or self.catalog:
+            raise ConfigError(f"key '{'input_snapshot' if self.input_snapshot is not None else 'catalog'}': only for an "
+                              f"Iceberg input (input_table)")
         if self.input_format == "delta" and importlib.util.find_spec("deltalake") is None:
             raise ConfigError("key 'input_format': a Delta table input needs the deltalake package: pip install 'mtcls[delta]'")
         if self.input_version is not None and self.input_format == "parquet":
@@ -194,3 +208,19 @@ class ScoreConfig(JobConfig):
         if dup:
             raise ConfigError(f"key 'passthrough_columns': {dup} already in id_column or text_columns")
         return self
+
+
+def _check_iceberg_input(cfg: ScoreConfig) -> None:
+    """An Iceberg input's keys: ``input_table`` instead of ``input``, no Delta version, pyiceberg installed."""
+    if not cfg.input_table:
+        raise ConfigError("key 'input_table': input_format=iceberg reads the table input_table names (namespace.name)")
+    if cfg.input:
+        raise ConfigError("key 'input_table': give either input (a path) or input_table (an Iceberg table), not both")
+    if cfg.input_format not in ("auto", "iceberg"):
+        raise ConfigError(f"key 'input_format': input_table is an Iceberg table, not {cfg.input_format}")
+    if cfg.input_version is not None:
+        raise ConfigError("key 'input_version': pins a Delta table's version; an Iceberg input is pinned with input_snapshot")
+    if "." not in cfg.input_table.strip("."):
+        raise ConfigError(f"key 'input_table': expected namespace.name, got {cfg.input_table!r}")
+    if importlib.util.find_spec("pyiceberg") is None:
+        raise ConfigError("key 'input_table': an Iceberg input needs pyiceberg: pip install 'mtcls[iceberg]'")

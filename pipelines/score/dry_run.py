@@ -20,7 +20,7 @@ from pipelines.resources import ScoringPlan, plan_scoring
 from pipelines.runtime import init_ray
 from pipelines.score.config import ScoreConfig
 from pipelines.sink.units import Unit
-from pipelines.storage import InputError, locate, redact_uri
+from pipelines.storage import InputError, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def dry_run(cfg: ScoreConfig, plan: Any, sink: Any) -> dict[str, Any]:
     estimate = _estimate(cfg, plan, pending, resources) if pending and problem is None else None
     out = {
         "plan": True,
-        "input": redact_uri(cfg.input),
+        "input": plan.source.name,
         "input_format": plan.source.format,
         "input_version": plan.source.version,
         "output": redact_uri(cfg.output),
@@ -85,8 +85,9 @@ def log_start(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
     left = sum(u.pending_rows for u in pending)
     logging.getLogger("pipelines.score").info(
         "score %s (%s%d files, %d rows) -> %s: %d rows pending in %d of %d units; %d actors x (%g CPU, %g GPU), "
-        "%d torch threads each, precision %s", redact_uri(cfg.input),
-        f"Delta table version {plan.source.version}, " if plan.source.format == "delta" else "", len(plan.inputs), rows,
+        "%d torch threads each, precision %s", plan.source.name,
+        {"delta": f"Delta table version {plan.source.version}, ", "iceberg": f"snapshot {plan.source.version}, "}.get(plan.source.format, ""),
+        len(plan.inputs), rows,
         redact_uri(cfg.output),
         left, len(pending), len(plan.units), resources.num_actors, resources.num_cpus, resources.num_gpus,
         resources.torch_threads, cfg.precision)
@@ -131,7 +132,7 @@ def _estimate(cfg: ScoreConfig, plan: Any, pending: list[Unit], resources: Scori
     first = pending[0]
     files = list(plan.inputs)
     sample = {**first.to_dict(), "file": files.index(first.path), "rows": min(first.rows, SAMPLE_ROWS + WARMUP_ROWS), "done": []}
-    in_fs = locate(cfg.input).fs
+    in_fs = plan.source.loc.fs
     threads = torch.get_num_threads()
     started = time.perf_counter()
     try:

@@ -46,7 +46,7 @@ from pipelines.sink.records import checksum_file, id_type_ok
 from pipelines.sink.schema import embedding_type, output_schema, selected_heads
 from pipelines.sink.units import InputFile, Unit, plan_units
 from pipelines.tokenize import ship_tokenizer
-from pipelines.sources import InputSource, resolve_input
+from pipelines.sources import InputSource, resolve_iceberg, resolve_input
 from pipelines.storage import InputError, inspect_parquet, locate, redact_uri, redact_uris
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         LockLostError: Another job took the output over; this job committed nothing after that.
     """
     started = time.time()
-    if not cfg.input or not cfg.model:
-        raise ConfigError(f"key '{'input' if not cfg.input else 'model'}': run_score needs it (jobs.score fills in the embedded default)")
+    if not (cfg.input or cfg.input_table) or not cfg.model:
+        raise ConfigError(f"key '{'model' if cfg.input or cfg.input_table else 'input'}': run_score needs it (jobs.score fills "
+                          f"in the embedded default)")
     plan = _plan(cfg)
     sink = make_sink(cfg, plan.schema)  # output_format: a Parquet directory or a Delta table
     if cfg.plan:  # a dry run: reads the output's commit records, takes no lease, writes nothing
@@ -131,11 +132,16 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
 def _plan(cfg: ScoreConfig) -> _Plan:
     """Everything that can fail on a bad config or input, checked before the output is touched."""
     model_dir = localize_model(cfg.model)
-    in_loc, out_loc = locate(cfg.input), locate(cfg.output)
-    check_apart(in_loc, out_loc)
     passthrough = [cfg.id_column, *cfg.passthrough_columns]
-    source_input = resolve_input(in_loc, cfg.input_format, cfg.input_version,
-                                 tuple(passthrough if cfg.from_embeddings else [*passthrough, *cfg.text_columns]))
+    read = tuple(passthrough if cfg.from_embeddings else [*passthrough, *cfg.text_columns])
+    if cfg.input_table:
+        source_input = resolve_iceberg(cfg.input_table, cfg.input_snapshot, cfg.catalog, read)
+        in_loc = source_input.loc
+    else:
+        in_loc = locate(cfg.input)
+        source_input = resolve_input(in_loc, cfg.input_format, cfg.input_version, read)
+    out_loc = locate(cfg.output)
+    check_apart(in_loc, out_loc)
     files = source_input.files
     model_config = MultiTaskConfig.from_pretrained(model_dir)
     specs = selected_heads(model_config.head_specs(), cfg.heads)
@@ -188,7 +194,7 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     index = {u.key: i for i, u in enumerate(plan.units)}
     internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, PRECISION_TYPE)]
     carried = pa.schema(list(plan.schema) + internal, metadata=plan.schema.metadata)
-    in_fs = locate(cfg.input).fs
+    in_fs = plan.source.loc.fs
 
     ds = ray.data.from_items([{"unit": index[u.key]} for u in pending], override_num_blocks=len(pending))
     engine = dict(torch_threads=resources.torch_threads, heads=cfg.heads or None)
@@ -291,7 +297,7 @@ def _manifest(cfg: ScoreConfig, plan: _Plan, verification: Verification, scored:
     rows_in = sum(f.rows for f in plan.inputs.values())
     return {
         "status": "complete" if not verification.problems and verification.rows_out == rows_in else "incomplete",
-        "input": redact_uri(cfg.input),
+        "input": plan.source.name,
         "input_format": plan.source.format,
         "input_version": plan.source.version,
         "output": redact_uri(cfg.output),
