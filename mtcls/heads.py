@@ -80,8 +80,8 @@ class HeadSpec:
         name = self.name
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise HeadSpecError(
-                f"head name {name!r} is invalid: use letters, digits and '_', starting with a letter"
-            )
+                f"head name {name!r} is invalid: use letters, digits and '_', starting with a letter",
+                None, "name")
         if self.kind not in kind_names():
             fail(name, "kind", f"unknown head kind {self.kind!r}; expected one of {kind_names()}")
         kind = self.impl

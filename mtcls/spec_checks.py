@@ -11,12 +11,22 @@ from typing import Any, NoReturn
 
 
 class HeadSpecError(ValueError):
-    """A head specification is invalid; the message names the head, the field and the value."""
+    """A head specification is invalid; the message names the head, the field and the value.
+
+    Attributes:
+        head: The head's name, where one field of one head is wrong (else None).
+        field: That field (``name`` for an invalid name; else None).
+        detail: What is wrong with it, without the head and field (else the whole message).
+    """
+
+    def __init__(self, message: str, head: str | None = None, field: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.head, self.field, self.detail = head, field, detail if detail is not None else message
 
 
 def fail(head: str, field_name: str, message: str) -> NoReturn:
     """Raises a :class:`HeadSpecError` naming the head and the field."""
-    raise HeadSpecError(f"head {head!r}: field {field_name!r}: {message}")
+    raise HeadSpecError(f"head {head!r}: field {field_name!r}: {message}", head, field_name, message)
 
 
 def check_names(head: str, field_name: str, names: Any, what: str) -> list[str]:

@@ -1,7 +1,6 @@
 """``TrainConfig``: the training job's keys, validated before any work starts."""
 
 # No ``from __future__ import annotations``: ``TrainHead``'s ``Required`` keys must be seen when the class is made.
-import re
 from typing import Annotated, Any, Literal, NoReturn, Optional, get_args
 
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator, with_config
@@ -47,9 +46,6 @@ class TrainHead(TypedDict, total=False):
     logit_offset: Optional[list[float]]
 
 
-_SPEC_ERROR = re.compile(r"head (?P<head>.+?): field '(?P<field>\w+)': (?P<message>.*)", re.S)
-
-
 def _fail_in_head(head: dict[str, Any], field: Optional[str], message: str) -> NoReturn:
     """Raises a validation error at ``field`` of the head entry (so the key reads ``heads[i].field``)."""
     error = PydanticCustomError("head_spec", "{message}", {"message": message})
@@ -65,10 +61,9 @@ def _check_head(head: TrainHead) -> TrainHead:
         try:
             HeadSpec.from_dict({k: v for k, v in head.items() if k != "column"})
         except HeadSpecError as exc:
-            found = _SPEC_ERROR.fullmatch(str(exc))
-            if found:
-                _fail_in_head(head, found["field"], f"head {name!r}: {found['message']}")
-            _fail_in_head(head, "name" if str(exc).startswith("head name ") else None, str(exc))
+            if exc.head is not None:  # one field of this head: the key reads heads[i].<field>
+                _fail_in_head(head, exc.field, f"head {name!r}: {exc.detail}")
+            _fail_in_head(head, exc.field, str(exc))
     elif not get_kind(head["kind"]).labels_inferable:
         _fail_in_head(head, "labels", f"head {name!r}: a {head['kind']} head needs 'labels' (they cannot be inferred)")
     return head
