@@ -60,7 +60,9 @@ class InputSource:
 
 
 def is_delta_table(loc: Location) -> bool:
-    """Whether ``loc`` is a directory holding a Delta log."""
+    """Whether ``loc`` is a directory holding a Delta log (never over HTTP(S): a URL names one file)."""
+    if loc.protocol in ("http", "https"):
+        return False
     try:
         return loc.fs.isdir(loc.join(DELTA_LOG).path)
     except OSError:

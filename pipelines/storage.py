@@ -33,7 +33,9 @@ class Location:
 
     def uri(self, path: str | None = None) -> str:
         path = self.path if path is None else path
-        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+        if self.protocol == "file" or "://" in path:  # HTTP(S) filesystems keep the whole URL as the path
+            return path
+        return f"{self.protocol}://{path}"
 
     def arrow_fs(self) -> pafs.FileSystem:
         """The filesystem as pyarrow wants it (Ray Data reads and writes through this)."""

@@ -264,3 +264,39 @@ def test_exact_cover_of_thousands_of_files_is_fast_and_iterative():
     files.append(_F("retry2", (5, 10)))
     chosen, extra, problem = exact_cover(50_000, files)
     assert problem is None and len(chosen) + len(extra) == 5002
+
+
+def test_a_signed_url_input_leaves_no_secret_in_what_the_job_writes(tmp_path, tiny_model_dir, ray_local, caplog):
+    """A presigned S3 URL (moto's server, plain HTTP) as the input: its signature and credential are
+    in the query string, which must not reach the manifest, the part files' footers, the lease record
+    or the logs."""
+    import boto3
+    import io
+    import logging
+
+    from pipelines.storage import RedactingFilter
+    from tests.conftest import moto_s3
+
+    with moto_s3(own_process=True) as endpoint:
+        from botocore.config import Config
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(signature_version="s3v4"))
+        s3.create_bucket(Bucket="corpus")
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(12)], "text": [f"text {i}" for i in range(12)]}), buf)
+        s3.put_object(Bucket="corpus", Key="night/in.parquet", Body=buf.getvalue())
+        url = s3.generate_presigned_url("get_object", Params={"Bucket": "corpus", "Key": "night/in.parquet"}, ExpiresIn=3600)
+        signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+        assert len(signature) > 20 and os.environ["AWS_ACCESS_KEY_ID"] in url
+        out = tmp_path / "out"
+        caplog.handler.addFilter(RedactingFilter())  # as a job's setup_logging does on its handlers
+        with caplog.at_level(logging.DEBUG):  # fsspec's debug lines name every URL it fetches
+            manifest = run_score(cfg(url, out, tiny_model_dir))
+    assert manifest["status"] == "complete" and manifest["rows_out"] == 12
+    assert manifest["input"] == url.split("?")[0] + "?REDACTED"
+    written = [(out / "_manifest.json").read_text()]
+    written += [json.dumps({k.decode(): v.decode() for k, v in pq.read_schema(p).metadata.items()}) for p in out.glob("*.parquet")]
+    written += [p.read_text() for p in (out / "_mtcls").rglob("*.json")]  # lease records
+    written.append(caplog.text)
+    for text in written:
+        assert signature not in text and "X-Amz-Credential" not in text
