@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
-from pipelines.sink.lock_stores import Snapshot, now_iso, store_for
+from pipelines.sink.lock_stores import Snapshot, check_conditional_writes, now_iso, store_for
 from pipelines.storage import InputError, Location, locate, redact_uri
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,12 @@ class OutputLock:
 
         Raises:
             LockHeldError: If another live job holds it; the message names that job.
+            InputError: An S3 store that ignores conditional writes (the lease relies on them).
             RuntimeError: If this object already holds it.
         """
         if self._record is not None:
             raise RuntimeError(f"the lock on {self._shown!r} is already held by this object")
+        check_conditional_writes(self.loc, "The output's lease (one writer at a time)")
         if not self._store.atomic:
             log.warning(
                 "output %s is on a store without conditional writes (%s): its lock is best effort and "

@@ -284,6 +284,20 @@ def test_s3_second_job_fails_naming_the_holder_until_release(s3):
         second.check()
 
 
+def test_s3_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
+    """Some S3-compatible stores ignore If-None-Match and overwrite: the lease could not keep one
+    writer there, so taking it is refused, naming the output, and nothing is left behind."""
+    from pipelines.storage import InputError, locate
+
+    out = "s3://mtcls-lock-bucket/scores/unconditional"
+    fs = locate(out).fs
+    original = fs.pipe_file
+    monkeypatch.setattr(fs, "pipe_file", lambda path, data, mode="overwrite", **kw: original(path, data, **kw))
+    with pytest.raises(InputError, match=f"the store of '{out}' ignored a conditional write"):
+        OutputLock(out).acquire()
+    assert not s3.find("mtcls-lock-bucket/scores/unconditional")
+
+
 def test_s3_stalled_holder_is_taken_over_after_the_timeout_exactly_once(s3):
     # The server measures heartbeat age in whole seconds: a 2 s timeout takes over after 2 to 3 s.
     outs = [f"s3://mtcls-lock-bucket/scores/stale{i}" for i in range(3)]
