@@ -110,15 +110,18 @@ def _delta_source(loc: Location, version: Optional[int], needed: tuple[str, ...]
         raise InputError(f"input {uri!r} is not a Delta table (no readable {DELTA_LOG}/)")
     try:
         dt = DeltaTable(loc.uri(), version=version, storage_options=options)
-    except Exception as exc:  # noqa: BLE001 - deltalake raises its own error types for a missing version
-        latest = DeltaTable(loc.uri(), storage_options=options).version()
-        raise InputError(f"cannot read Delta table {uri!r} at version {version}: the latest is {latest} "
-                         f"({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - deltalake raises its own error types
+        at = f" at version {version}" if version is not None else ""
+        try:
+            latest = f": the latest is {DeltaTable(loc.uri(), storage_options=options).version()}" if version is not None else ""
+        except Exception:  # noqa: BLE001 - the table does not open at all: the first error says why
+            latest = ""
+        raise InputError(f"cannot read Delta table {uri!r}{at}{latest} ({type(exc).__name__}: {exc})") from exc
     features = set(dt.protocol().reader_features or [])
     config = dt.metadata().configuration
-    if "deletionVectors" in features and config.get("delta.enableDeletionVectors", "false") == "true":
-        raise InputError(f"Delta table {uri!r} uses deletion vectors, which this job does not apply (it reads whole data "
-                         f"files); purge them first (Spark: REORG TABLE ... APPLY (PURGE))")
+    if "deletionVectors" in features and _has_deletion_vectors(dt):
+        raise InputError(f"Delta table {uri!r} has deletion vectors at version {dt.version()}, which this job does not "
+                         f"apply (it reads whole data files); purge them first (Spark: REORG TABLE ... APPLY (PURGE))")
     if config.get("delta.columnMapping.mode", "none") != "none":
         raise InputError(f"Delta table {uri!r} uses column mapping ({config['delta.columnMapping.mode']}): its data files "
                          f"name columns differently from the table; this job cannot read it")
@@ -129,12 +132,23 @@ def _delta_source(loc: Location, version: Optional[int], needed: tuple[str, ...]
     paths = sorted(unquote(p) for p in dt.get_add_actions(flatten=True).column("path").to_pylist())
     if not paths:
         raise InputError(f"Delta table {uri!r} holds no data files at version {dt.version()}")
-    files = [p if "://" in p else posixpath.join(loc.path, p) for p in paths]
-    if any("://" in p for p in files):
-        raise InputError(f"Delta table {uri!r} references data files outside its directory (shallow clone); this job "
-                         f"reads only files under the table")
+    root = loc.uri().rstrip("/") + "/"
+    files = [posixpath.join(loc.path, p[len(root):] if p.startswith(root) else p) for p in paths]
+    outside = [p for p in paths if ("://" in p or p.startswith("/")) and not p.startswith(root)]
+    if outside:
+        raise InputError(f"Delta table {uri!r} references data files outside its directory (a shallow clone?), e.g. "
+                         f"{redact_uri(outside[0])}; this job reads only files under the table")
     log.debug("input %s: Delta table version %d, %d data files", uri, dt.version(), len(files))
     return InputSource(loc, files, "delta", dt.version())
+
+
+def _has_deletion_vectors(dt: Any) -> bool:
+    """Whether any data file of the loaded version has a deletion vector (a table may enable the
+    feature and have none; one that disabled it may still have some). Unreadable: assume it has."""
+    try:
+        return any(batch.num_rows for batch in dt.deletion_vectors())
+    except Exception:  # noqa: BLE001 - refuse rather than read deleted rows
+        return True
 
 
 def resolve_iceberg(table: str, snapshot: Optional[int], catalog: dict[str, str], needed: tuple[str, ...] = ()) -> InputSource:
@@ -179,7 +193,15 @@ def resolve_iceberg(table: str, snapshot: Optional[int], catalog: dict[str, str]
     missing = [c for c in needed if c not in columns]
     if missing:
         raise InputError(f"Iceberg table {table!r} has no column(s) {missing}; its columns: {columns}")
-    tasks = list(tbl.scan(snapshot_id=snapshot).plan_files())
+    for column in needed:  # data files are read by column name: a name must mean one field in every schema
+        ids = {sch.find_field(column).field_id for sch in tbl.schemas().values() if column in sch.column_names}
+        if len(ids) > 1:
+            raise InputError(f"Iceberg table {table!r}: column {column!r} named different fields in its schema history "
+                             f"(a rename or a reused name); this job reads data files by column name and cannot read it")
+    try:
+        tasks = list(tbl.scan(snapshot_id=snapshot).plan_files())
+    except ValueError as exc:  # pyiceberg refuses to plan equality deletes
+        raise InputError(f"Iceberg table {table!r} at snapshot {snapshot} cannot be read as whole data files: {exc}") from exc
     deletes = [t.file.file_path for t in tasks if t.delete_files]
     if deletes:
         raise InputError(f"Iceberg table {table!r} at snapshot {snapshot} has delete files (row-level deletes) on "
@@ -191,10 +213,11 @@ def resolve_iceberg(table: str, snapshot: Optional[int], catalog: dict[str, str]
     if not tasks:
         raise InputError(f"Iceberg table {table!r} holds no data files at snapshot {snapshot}")
     root = locate(tbl.location())
+    same_store = {"s3": "s3", "s3a": "s3"}
     files = []
     for t in tasks:
         loc = locate(t.file.file_path)
-        if loc.protocol != root.protocol:
+        if same_store.get(loc.protocol, loc.protocol) != same_store.get(root.protocol, root.protocol):
             raise InputError(f"Iceberg table {table!r}: data file {redact_uri(t.file.file_path)} is on another store than "
                              f"the table ({redact_uri(root.uri())}); this job reads one store per input")
         files.append(loc.path)

@@ -125,12 +125,19 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+#: Dict keys whose values are secrets whatever they hold (an Iceberg catalog's ``credential``,
+#: ``token``, ``s3.secret-access-key``, a ``password``).
+_SECRET_KEY = re.compile(r"secret|passw|token|credential|signature|private", re.I)
+
+
 def redact_uris(value: Any) -> Any:
-    """``value`` with :func:`redact_uri` applied to every string in it (dict values and list items, walked and copied; dict keys are kept)."""
+    """``value`` with :func:`redact_uri` applied to every string in it (dict values and list items,
+    walked and copied; dict keys are kept), and the value of every dict key that names a secret
+    (``secret``, ``password``, ``token``, ``credential`` ...) replaced by ``REDACTED``."""
     if isinstance(value, str):
         return redact_uri(value)
     if isinstance(value, dict):
-        return {k: redact_uris(v) for k, v in value.items()}
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact_uris(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_uris(v) for v in value]
     return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -144,6 +144,26 @@ class ScoreConfig(JobConfig):
     fail_on_drift: bool = Field(False, description=(
         "After writing everything and `_SUCCESS`, exit with status 3 when a head is flagged, so a "
         "scheduler can alert."))
+
+    @field_validator("catalog", mode="before")
+    @classmethod
+    def _dotted_catalog_keys(cls, value: Any) -> Any:
+        """``catalog.s3.endpoint=...`` arrives nested (``{"s3": {"endpoint": ...}}``); pyiceberg's
+        property is the dotted name ``s3.endpoint``. Values are strings as pyiceberg's properties
+        are (``true`` parsed as a boolean goes back to ``true``)."""
+        if not isinstance(value, dict):
+            return value
+
+        def flat(d: dict, prefix: str = "") -> dict:
+            out: dict = {}
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[f"{prefix}{k}"] = str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, (int, float)) else v
+            return out
+
+        return flat(value)
 
     @field_validator("output")
     @classmethod

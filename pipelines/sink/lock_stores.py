@@ -274,11 +274,18 @@ def check_conditional_writes(loc: Location, what: str) -> None:
     if loc.protocol not in ("s3", "s3a"):
         return
     probe = loc.join(LOCK_DIR, f"probe-{uuid.uuid4().hex}")
-    loc.fs.pipe_file(probe.path, b"1", mode="create")
+    bucket, key, _ = loc.fs.split_path(probe.path)
+
+    def create(body: bytes) -> None:  # as the lease's compare-and-swap writes (_S3Store.swap)
+        loc.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+
+    create(b"1")
     try:
-        loc.fs.pipe_file(probe.path, b"2", mode="create")
-    except FileExistsError:
-        return
+        create(b"2")
+    except OSError as exc:  # s3fs: FileExistsError, or a plain OSError for a bare 412 (MinIO, Ceph)
+        if _is_conflict(exc):
+            return
+        raise
     finally:
         with contextlib.suppress(OSError):
             loc.fs.rm(probe.path)

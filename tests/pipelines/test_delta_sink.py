@@ -251,8 +251,12 @@ def test_on_s3_commits_are_conditional_and_a_store_without_them_is_refused(tmp_p
 
         # A store that ignores If-None-Match: every write lands, overwriting.
         other_loc = locate("s3://bkt/other")
-        original = other_loc.fs.pipe_file
-        monkeypatch.setattr(other_loc.fs, "pipe_file", lambda path, data, mode="overwrite", **kw: original(path, data, **kw))
+        original = other_loc.fs.call_s3
+
+        def unconditional(method, *args, IfNoneMatch=None, **kw):  # noqa: N803 - boto3's parameter name
+            return original(method, *args, **kw)
+
+        monkeypatch.setattr(other_loc.fs, "call_s3", unconditional)
         other = DeltaSink(other_loc, SCHEMA, lock=False, storage_options=options)
         with pytest.raises(InputError, match="ignored a conditional write"):
             with other.open(overwrite=False, inputs=inputs):

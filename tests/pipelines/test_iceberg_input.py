@@ -49,6 +49,43 @@ def test_the_files_of_the_snapshot_read(catalog):
     with pytest.raises(ConfigError, match="key 'catalog'"):
         resolve_iceberg("lake.corpus", None, {"type": "no-such-catalog-type"})
 
+    # A renamed column, then a new one under the old name: old files hold another field under it.
+    from pyiceberg.types import StringType
+
+    with table.update_schema() as update:
+        update.rename_column("text", "body")
+    with table.update_schema() as update:
+        update.add_column("text", StringType())
+    with pytest.raises(InputError, match="column 'text' named different fields in its schema history"):
+        resolve_iceberg("lake.corpus", None, props, ("id", "text"))
+
+
+@pytest.mark.parametrize("keys, message", [
+    (["input_table=lake.t", "input=/x"], "key 'input_table': give either input"),
+    (["input_format=iceberg"], "key 'input_table': input_format=iceberg reads the table"),
+    (["input_table=lake.t", "input_format=delta"], "key 'input_format': input_table is an Iceberg table"),
+    (["input_table=lake.t", "input_version=3"], "key 'input_version': pins a Delta table's version"),
+    (["input_table=lakeonly"], "key 'input_table': expected namespace.name"),
+    (["input=/x", "input_snapshot=3"], "key 'input_snapshot': only for an Iceberg input"),
+    (["input=/x", "catalog.type=sql"], "key 'catalog': only for an Iceberg input"),
+    (["input=/x", "input_format=parquet", "input_version=2"], "key 'input_version': pins a Delta table's version"),
+])
+def test_table_input_keys_fail_before_any_work_naming_the_key(keys, message):
+    from pipelines.config import load_config
+    from pipelines.score import ScoreConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(ScoreConfig, None, ["output=/tmp/never", *keys])
+
+
+def test_dotted_catalog_properties_reach_pyiceberg_as_named():
+    from pipelines.config import load_config
+    from pipelines.score import ScoreConfig
+
+    cfg = load_config(ScoreConfig, None, ["input_table=lake.t", "catalog.type=rest", "catalog.s3.endpoint=http://minio:9000",
+                                          "catalog.rest.sigv4-enabled=true"])
+    assert cfg.catalog == {"type": "rest", "s3.endpoint": "http://minio:9000", "rest.sigv4-enabled": "true"}
+
 
 def test_appended_snapshots_are_scored_once(catalog, tmp_path, tiny_model_dir, ray_local):
     from pipelines.score import ScoreConfig, run_score
@@ -58,11 +95,13 @@ def test_appended_snapshots_are_scored_once(catalog, tmp_path, tiny_model_dir, r
     table.append(batch(0, 30))
 
     def cfg(**kw):
-        return ScoreConfig(input_table="lake.corpus", catalog=props, output=str(tmp_path / kw.pop("out", "scores")),
+        return ScoreConfig(input_table="lake.corpus", catalog={**props, "token": "tok-SECRET-1"}, output=str(tmp_path / kw.pop("out", "scores")),
                            model=str(tiny_model_dir), progress=False, block_rows=32, max_tokens_per_batch=256, **kw)
 
     first = run_score(cfg())
     assert first["rows_scored_this_run"] == 30 and first["input_format"] == "iceberg"
+    # A catalog secret never reaches the manifest (the SQL catalog ignores the extra property).
+    assert first["config"]["catalog"]["token"] == "REDACTED" and "tok-SECRET-1" not in (tmp_path / "scores" / "_manifest.json").read_text()
     assert first["input"] == "iceberg table lake.corpus" and first["input_version"] == table.current_snapshot().snapshot_id
     snapshot = table.current_snapshot().snapshot_id
     table.append(batch(30, 9))

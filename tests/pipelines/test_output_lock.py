@@ -291,11 +291,30 @@ def test_s3_store_that_ignores_conditional_writes_is_refused(s3, monkeypatch):
 
     out = "s3://mtcls-lock-bucket/scores/unconditional"
     fs = locate(out).fs
-    original = fs.pipe_file
-    monkeypatch.setattr(fs, "pipe_file", lambda path, data, mode="overwrite", **kw: original(path, data, **kw))
+    original = fs.call_s3
+
+    def unconditional(method, *args, IfNoneMatch=None, **kw):  # noqa: N803 - boto3's parameter name
+        return original(method, *args, **kw)
+
+    monkeypatch.setattr(fs, "call_s3", unconditional)
     with pytest.raises(InputError, match=f"the store of '{out}' ignored a conditional write"):
         OutputLock(out).acquire()
     assert not s3.find("mtcls-lock-bucket/scores/unconditional")
+
+    # A store that honours the condition but answers a bare 412 (no <Condition> element, as MinIO and
+    # Ceph do): s3fs raises a plain OSError, which is a refused write, not a failure.
+    def bare_412(method, *args, **kw):
+        if kw.get("IfNoneMatch") and s3.exists(f"{kw['Bucket']}/{kw['Key']}"):
+            import botocore.exceptions
+
+            cause = botocore.exceptions.ClientError({"Error": {"Code": "PreconditionFailed"},
+                                                     "ResponseMetadata": {"HTTPStatusCode": 412}}, "PutObject")
+            raise OSError(22, "PreconditionFailed") from cause
+        return original(method, *args, **kw)
+
+    monkeypatch.setattr(fs, "call_s3", bare_412)
+    with OutputLock("s3://mtcls-lock-bucket/scores/bare412", owner={"run_id": "bare"}) as lock:
+        lock.check()
 
 
 def test_s3_stalled_holder_is_taken_over_after_the_timeout_exactly_once(s3):
