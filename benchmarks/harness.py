@@ -361,7 +361,7 @@ def start_ray(**init_args: Any):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, log_to_driver=False, **init_args)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_args)
     return ray
 
 

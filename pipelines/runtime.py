@@ -76,7 +76,8 @@ def setup_logging(verbose: Optional[bool] = None) -> None:
 
 
 def init_ray(verbose: Optional[bool] = None) -> None:
-    """Connects to the cluster (``RAY_ADDRESS``, set by ``ray job submit``) or starts a local Ray.
+    """Connects to the cluster (``RAY_ADDRESS``, set by ``ray job submit``; ``auto``: the one a
+    ``ray start`` on this machine runs) or starts a local Ray.
 
     Logs one line: the cluster's address, CPUs and GPUs, and the dashboard. Every worker of the job
     runs :func:`worker_setup` first (quiet output unless ``verbose``).
@@ -101,7 +102,10 @@ def init_ray(verbose: Optional[bool] = None) -> None:
         # the raylet's "worker processes have been started" warning). A local cluster gets one
         # per CPU; the variable is inherited by the cluster's processes.
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(2, min(32, os.cpu_count() or 2))))
-    context = ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if loud else logging.WARNING,
+    # Without RAY_ADDRESS: a new local cluster ("local"), never the cluster that Ray's address file
+    # (/tmp/ray/ray_current_cluster, left by the last `ray start` on this machine, even a dead one)
+    # names. RAY_ADDRESS=auto joins that one.
+    context = ray.init(address=address or "local", log_to_driver=True, logging_level=logging.INFO if loud else logging.WARNING,
                        runtime_env=_runtime_env(loud))
     data_progress(loud)
     resources = ray.cluster_resources()

@@ -107,7 +107,7 @@ def local_ray():
     if ray.is_initialized() and not _all_cpus_free(ray, wait_s=5.0):
         ray.shutdown()
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     return ray
 
 

@@ -24,7 +24,7 @@ def s3():
         fs.mkdir("mtcls-bucket")
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit the credentials
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit the credentials
         yield fs
         ray.shutdown()
 

@@ -136,7 +136,7 @@ def scoring_run(tmp_path_factory, tiny_model_dir, _ray_session):
     if ray.is_initialized():
         ray.shutdown()  # this module needs Ray's metrics on a known port
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     root = tmp_path_factory.mktemp("observability")
     inp, out = root / "in", root / "out"
