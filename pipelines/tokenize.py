@@ -50,10 +50,12 @@ class _TokenizerCache:
 
 
 def shipped_tokenizer(tokenizer_ref: list) -> Any:
-    """The tokenizer of ``[ray.put(ship_tokenizer(dir))]``, parsed once per process."""
+    """The tokenizer of ``[ray.put(ship_tokenizer(dir))]`` (or ``[ship_tokenizer(dir)]`` in one
+    process), parsed once per process."""
     import ray
 
-    return _TokenizerCache.get(ray.get(tokenizer_ref[0]))
+    shipped = tokenizer_ref[0]
+    return _TokenizerCache.get(ray.get(shipped) if isinstance(shipped, ray.ObjectRef) else shipped)
 
 
 def tokenize_block(table: pa.Table, keep: list[str], text_columns: list[str], separator: str, max_length: int,

@@ -10,21 +10,23 @@ With ``from_embeddings`` (heads only), the source stage reads an earlier output'
 column (:mod:`pipelines.score.heads_only`) and the actor runs only the heads; the rest is the same.
 
 A kill at any moment loses only the rows in flight: a rerun skips every row already committed.
+``run_score(cfg, inline=True)`` runs the same stages in this process without Ray (:mod:`pipelines.score.stream`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtcls import MultiTaskConfig, MultiTaskModel, encoder_identity, text_separator
 from mtcls.profile import load_reference
-from pipelines.actor import InferenceActor, ScoredColumns
+from pipelines.actor import ScoredColumns
 from pipelines.artifacts import localize_model, model_identity
 from pipelines.blocks import PRECISION, PRECISION_TYPE, ROW, UNIT
 from pipelines.config import ConfigError, check_max_length, config_to_dict
@@ -38,6 +40,7 @@ from pipelines.score.drift import drift_section, profile_section
 from pipelines.score.dry_run import log_start
 from pipelines.score.heads_only import EmbeddingSource, check_embedding_input, read_embeddings
 from pipelines.score.stages import read_and_tokenize
+from pipelines.score.stream import Stages, inline_batches, ray_batches
 from pipelines.sink import make_sink
 from pipelines.sink.base import Sink, Verification
 from pipelines.sink.parquet import check_layout
@@ -70,11 +73,17 @@ class _Plan:
     source: InputSource
 
 
-def run_score(cfg: ScoreConfig) -> dict[str, Any]:
+def run_score(cfg: ScoreConfig, inline: bool = False) -> dict[str, Any]:
     """Scores every input row not yet in the output, verifies the output and writes the manifest.
 
     Starts a local Ray if none is running. ``input`` and ``model`` must be given (``jobs.score``
     fills in the embedded demo corpus and default model when they are empty).
+
+    Args:
+        cfg: The job's configuration.
+        inline: Run the stages in this process, one block after another, without Ray
+            (:func:`pipelines.score.stream.inline_batches`): the same planning, sink, commits,
+            verification and manifest, no parallelism. For debugging a stage and for tests.
 
     Returns:
         The manifest (also written to ``<output>/_manifest.json``).
@@ -102,16 +111,21 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         pending = [u for u in plan.units if u.pending_rows]
         if resume.stale or pending:
             sink.mark_incomplete()  # incomplete until the new rows are in
-        init_ray(cfg.verbose)
-        import ray
+        if inline:
+            cluster = {"CPU": float(os.cpu_count() or 1)}
+        else:
+            init_ray(cfg.verbose)
+            import ray
 
+            cluster = ray.cluster_resources()
         timings = {"setup_s": time.time() - started}
         score_started = time.time()
-        resources = plan_scoring(cfg, ray.cluster_resources())
+        resources = plan_scoring(cfg, cluster)
         log_start(cfg, plan, pending, resources)
-        scored, used, metrics = _score_units(cfg, resources, plan, pending, sink) if pending else (0, {}, {})
+        scored, used, metrics = _score_units(cfg, resources, plan, pending, sink, inline) if pending else (0, {}, {})
         timings["scoring_s"] = time.time() - score_started
-        verification = sink.verify(plan.inputs, _checksum_fanout(cfg.id_column))
+        checksums = _local_checksums(cfg.id_column) if inline else _checksum_fanout(cfg.id_column)
+        verification = sink.verify(plan.inputs, checksums)
         timings["verify_s"] = time.time() - score_started - timings["scoring_s"]
         timings["total_s"] = time.time() - started
         manifest = _manifest(cfg, plan, verification, scored, timings, resume.stale)
@@ -172,68 +186,33 @@ def output_heads(model_config: MultiTaskConfig, schema: pa.Schema) -> list:
 
 
 def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit],
-                 sink: Sink) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """The streaming execution.
+                 sink: Sink, inline: bool) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """The streaming execution (:mod:`pipelines.score.stream`), committed as it goes.
 
     Returns:
         The rows committed by this run, ``{precision: why}`` as the actors reported them, and the
         run's metrics summary (:mod:`pipelines.metrics`).
     """
-    import ray
-    import ray.data
-    from transformers import AutoTokenizer
-
-    ctx = ray.data.DataContext.get_current()
-    data_progress(cfg.progress and cfg.verbose)
-    ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
-    ctx.raise_original_map_exception = True  # a stage's InputError (heads only: a vector's width) stays one
-
-    files = list(plan.inputs)
-    file_index = {p: i for i, p in enumerate(files)}
-    unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in plan.units]
-    index = {u.key: i for i, u in enumerate(plan.units)}
-    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, PRECISION_TYPE)]
-    carried = pa.schema(list(plan.schema) + internal, metadata=plan.schema.metadata)
-    in_fs = plan.source.loc.fs
-
-    ds = ray.data.from_items([{"unit": index[u.key]} for u in pending], override_num_blocks=len(pending))
-    engine = dict(torch_threads=resources.torch_threads, heads=cfg.heads or None)
-    if cfg.from_embeddings:  # heads only: vectors instead of token ids, no tokenizer, no encoder
-        ds = ds.map_batches(
-            read_embeddings, batch_size=1, batch_format="numpy", num_cpus=resources.cpu_stage_cpus,
-            fn_kwargs=dict(units=unit_dicts, in_fs=in_fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns])),
-                           width=plan.model_config.hidden_size, uris=[plan.inputs[p].uri for p in files]),
-        )
-        inputs = "pooled"
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(plan.model_dir)
-        ds = ds.map_batches(
-            read_and_tokenize, batch_size=1, batch_format="numpy", num_cpus=resources.cpu_stage_cpus,
-            fn_kwargs=dict(units=unit_dicts, in_fs=in_fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
-                           text_columns=cfg.text_columns, separator=text_separator(plan.model_config, tokenizer),
-                           max_length=plan.max_length, tokenizer_ref=[ray.put(ship_tokenizer(plan.model_dir))]),
-        )
-        inputs = "tokens"
-        engine.update(max_length=plan.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision)
     tags = score_tags("score", redact_uri(cfg.output))
-    stats_key = new_stats_key()
-    ds = ds.map_batches(
-        InferenceActor, batch_size=cfg.block_rows, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(files_ref=[ray.put(plan.model_files)], inputs=inputs, output=ScoredColumns(carried),
-                                   metrics=dict(tags=tags, stats_key=stats_key), **engine),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=resources.num_actors, max_tasks_in_flight_per_actor=2),
-        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-    )
-    profile_heads = [h.to_dict() for h in output_heads(plan.model_config, plan.schema)] if cfg.profile else None
-    write, write_kwargs = sink.write_stage(plan.units, plan.inputs, plan.schema, profile_heads)
-    ds = ds.map_batches(write, batch_size=cfg.rows_per_file, batch_format="pyarrow", num_cpus=resources.cpu_stage_cpus,
-                        fn_kwargs=write_kwargs)
+    stats_key = None if inline else new_stats_key()
+    if inline:
+        batches = inline_batches(_stages(cfg, resources, plan, pending, sink, put=lambda value: value))
+    else:
+        import ray
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        data_progress(cfg.progress and cfg.verbose)
+        ctx.max_errored_blocks = 0  # an errored block would lose rows: fail instead
+        ctx.raise_original_map_exception = True  # a stage's InputError (heads only: a vector's width) stays one
+        batches = ray_batches(_stages(cfg, resources, plan, pending, sink, put=ray.put), resources,
+                              metrics=dict(tags=tags, stats_key=stats_key))
     total = sum(u.pending_rows for u in pending)
     done, used = 0, {}
     progress = Progress("score", total, unit="rows", errors="error rows", every_s=PROGRESS_EVERY_S, logger=log)
     committed = CommitMetrics(tags, total)
     try:
-        for batch in sink.iter_commits(_unwrap_input_errors(ds.iter_batches(batch_size=None, batch_format="pyarrow"))):
+        for batch in sink.iter_commits(_unwrap_input_errors(batches)):
             rows = int(pc.sum(batch.column("rows")).as_py() or 0)
             errors = int(pc.sum(batch.column("errors")).as_py() or 0) if "errors" in batch.column_names else 0
             done += rows
@@ -244,9 +223,39 @@ def _score_units(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending:
     finally:
         progress.close()
         actors = collect_scoring_stats(stats_key)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("Ray Data stage statistics:\n%s", ds.stats())
     return done, used, {**committed.summary(), **actors}
+
+
+def _stages(cfg: ScoreConfig, resources: ScoringPlan, plan: _Plan, pending: list[Unit], sink: Sink,
+            put: Callable[[Any], Any]) -> Stages:
+    """The three stages' functions and arguments; ``put`` ships a large value to the workers (``ray.put``)."""
+    files = list(plan.inputs)
+    file_index = {p: i for i, p in enumerate(files)}
+    unit_dicts = [{**u.to_dict(), "file": file_index[u.path]} for u in plan.units]
+    index = {u.key: i for i, u in enumerate(plan.units)}
+    internal = [pa.field(UNIT, pa.int32()), pa.field(ROW, pa.int64()), pa.field(PRECISION, PRECISION_TYPE)]
+    carried = pa.schema(list(plan.schema) + internal, metadata=plan.schema.metadata)
+    in_fs = plan.source.loc.fs
+    engine = dict(torch_threads=resources.torch_threads, heads=cfg.heads or None)
+    if cfg.from_embeddings:  # heads only: vectors instead of token ids, no tokenizer, no encoder
+        source, inputs = read_embeddings, "pooled"
+        source_kwargs = dict(units=unit_dicts, in_fs=in_fs, columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns])),
+                             width=plan.model_config.hidden_size, uris=[plan.inputs[p].uri for p in files])
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(plan.model_dir)
+        source, inputs = read_and_tokenize, "tokens"
+        source_kwargs = dict(units=unit_dicts, in_fs=in_fs,
+                             columns=list(dict.fromkeys([cfg.id_column, *cfg.passthrough_columns, *cfg.text_columns])),
+                             text_columns=cfg.text_columns, separator=text_separator(plan.model_config, tokenizer),
+                             max_length=plan.max_length, tokenizer_ref=[put(ship_tokenizer(plan.model_dir))])
+        engine.update(max_length=plan.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch or None, precision=cfg.precision)
+    profile_heads = [h.to_dict() for h in output_heads(plan.model_config, plan.schema)] if cfg.profile else None
+    write, write_kwargs = sink.write_stage(plan.units, plan.inputs, plan.schema, profile_heads)
+    return Stages(units=[index[u.key] for u in pending], source=source, source_kwargs=source_kwargs,
+                  actor_kwargs=dict(files_ref=[put(plan.model_files)], inputs=inputs, output=ScoredColumns(carried), **engine),
+                  write=write, write_kwargs=write_kwargs, block_rows=cfg.block_rows, rows_per_file=cfg.rows_per_file)
 
 
 def _embedding_source(cfg: ScoreConfig, in_loc: Any, files: list[str], model_dir: Any, model_config: MultiTaskConfig) -> EmbeddingSource:
@@ -277,6 +286,11 @@ def _checksum_fanout(column: str) -> Any:
         return [r for ref in refs for r in ray.get(ref)]
 
     return run
+
+
+def _local_checksums(column: str) -> Any:
+    """Reads the ids of Parquet files back from storage in this process."""
+    return lambda paths: [checksum_file(fs, path, column) for fs, path in paths]
 
 
 def _unwrap_input_errors(batches: Iterator[Any]) -> Iterator[Any]:

@@ -12,16 +12,14 @@ from jobs import evaluate as evaluate_job
 from pipelines.config import load_config
 from pipelines.score import ScoreConfig, run_score
 from pipelines.storage import InputError
-from tests.conftest import local_ray
 
 ROWS = 40
 TYPES = ["news", "opinion", "ad"]
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_model_dir, _ray_session):
-    """One real scoring output of the tiny model (the only scoring run of this module) and its labels."""
-    local_ray()
+def scored(tmp_path_factory, tiny_model_dir):
+    """One real scoring output of the tiny model (the only scoring run of this module, in this process) and its labels."""
     tmp = tmp_path_factory.mktemp("scored")
     ids = [f"r{i:03d}" for i in range(ROWS)]
     pq.write_table(pa.table({"id": ids, "text": [f"review {i}: quick delivery" + " great" * (i % 4) for i in range(ROWS)]}),
@@ -29,7 +27,7 @@ def scored(tmp_path_factory, tiny_model_dir, _ray_session):
     pq.write_table(pa.table({"id": ids, "type": [TYPES[i % 3] for i in range(ROWS)]}), tmp / "labels.parquet")
     cfg = load_config(ScoreConfig, None, [f"input={tmp / 'in.parquet'}", f"output={tmp / 'out'}", f"model={tiny_model_dir}",
                                           "progress=false", "rows_per_file=20", "precision=fp32"])
-    manifest = run_score(cfg)
+    manifest = run_score(cfg, inline=True)
     assert manifest["status"] == "complete" and (tmp / "out" / "_SUCCESS").exists()
     return tmp
 

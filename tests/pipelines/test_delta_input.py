@@ -60,7 +60,7 @@ def test_a_needed_partition_column_is_refused_naming_it(tmp_path):
         resolve_input(loc, needed=("id", "text", "day"))
 
 
-def test_nightly_appends_are_scored_once_and_a_pinned_version_reads_that_version(tmp_path, tiny_model_dir, ray_local):
+def test_nightly_appends_are_scored_once_and_a_pinned_version_reads_that_version(tmp_path, tiny_model_dir):
     from pipelines.score import ScoreConfig, run_score
 
     table, out = tmp_path / "corpus", tmp_path / "scores"
@@ -71,23 +71,23 @@ def test_nightly_appends_are_scored_once_and_a_pinned_version_reads_that_version
         return ScoreConfig(input=str(table), output=str(kw.pop("output", out)), model=str(tiny_model_dir), progress=False,
                            block_rows=32, max_tokens_per_batch=256, passthrough_columns=["day"], **kw)
 
-    first = run_score(cfg())
+    first = run_score(cfg(), inline=True)
     assert first["rows_scored_this_run"] == 65 and first["status"] == "complete"
     assert (first["input_format"], first["input_version"]) == ("delta", 1)
     write_deltalake(table, batch(65, 12, day="2026-12-02"), mode="append")  # the next night's rows
-    second = run_score(cfg())
+    second = run_score(cfg(), inline=True)
     assert second["rows_scored_this_run"] == 12 and second["input_version"] == 2 and second["rows_out"] == 77
     scored = pd.read_parquet(out)
     assert sorted(scored["id"]) == sorted(DeltaTable(str(table)).to_pandas()["id"]) and scored["id"].is_unique
     assert (scored.set_index("id").loc["row-00070", "day"]) == "2026-12-02"
     assert json.loads((out / "_manifest.json").read_text())["input_version"] == 2
 
-    pinned = run_score(cfg(output=tmp_path / "as_of_v0", input_version=0))
+    pinned = run_score(cfg(output=tmp_path / "as_of_v0", input_version=0), inline=True)
     assert pinned["rows_out"] == 40 and pinned["input_version"] == 0
 
     # Compaction rewrites the input's rows into new files: the old files' rows are refused, not silently
     # kept twice; prune_missing=true says to replace them.
     DeltaTable(str(table)).optimize.compact()
     with pytest.raises(InputError, match="prune_missing=true"):
-        run_score(cfg())
+        run_score(cfg(), inline=True)
     assert len(pd.read_parquet(out)) == 77

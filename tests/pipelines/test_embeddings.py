@@ -40,7 +40,7 @@ def score(tmp_path, model_dir, name, **overrides):
             "max_tokens_per_batch": 256, "lock_timeout_s": 5, "precision": "fp32"}
     args.update(overrides)
     cfg = load_config(ScoreConfig, None, [f"{k}={v}" for k, v in args.items()])
-    return cfg, run_score(cfg)
+    return cfg, run_score(cfg, inline=True)  # in this process, without Ray
 
 
 def pooled_directly(model, tokenizer, texts, max_length):
@@ -63,7 +63,7 @@ def schema_meta(output):
     return json.loads(pq.read_schema(next(Path(output).glob("part-*.parquet"))).metadata[b"mtcls"])
 
 
-def test_embedding_column_is_the_pooled_output_and_float16_halves_it(tmp_path, tiny_model_dir, ray_local):
+def test_embedding_column_is_the_pooled_output_and_float16_halves_it(tmp_path, tiny_model_dir):
     texts = write_corpus(tmp_path / "in.parquet")
     ids = sorted(texts)
     model = mtcls.MultiTaskModel.from_pretrained(tiny_model_dir).eval()
@@ -132,7 +132,7 @@ def test_rows_with_an_error_have_null_embeddings(tiny_model_dir, tokenizer):
     assert vectors.shape == (2, HIDDEN) and np.allclose(vectors, expected, atol=1e-5)
 
 
-def test_encoder_identity_ignores_heads_but_not_encoder_weights(tmp_path, tokenizer, ray_local):
+def test_encoder_identity_ignores_heads_but_not_encoder_weights(tmp_path, tokenizer):
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["fine text", "another one"]}), tmp_path / "in.parquet")
     model = tiny_model()
     model.save_pretrained(tmp_path / "base")
@@ -148,7 +148,7 @@ def test_encoder_identity_ignores_heads_but_not_encoder_weights(tmp_path, tokeni
     assert mtcls.encoder_identity(model)["encoder_sha256"] != base["encoder_sha256"]
 
 
-def test_without_embeddings_the_schema_is_unchanged(tmp_path, tiny_model_dir, ray_local):
+def test_without_embeddings_the_schema_is_unchanged(tmp_path, tiny_model_dir):
     write_corpus(tmp_path / "in.parquet", 5)
     cfg, manifest = score(tmp_path, tiny_model_dir, "out", input=str(tmp_path / "in.parquet"))
     schema = pq.read_schema(next(Path(cfg.output).glob("part-*.parquet")))

@@ -11,7 +11,7 @@ import pytest
 from pipelines.config import ConfigError, load_config
 from pipelines.score import ScoreConfig, run_score
 from pipelines.storage import InputError
-from tests.conftest import ALL_KIND_HEADS, local_ray, tiny_model
+from tests.conftest import ALL_KIND_HEADS, tiny_model
 
 HIDDEN = 32  # tests/conftest.py's tiny encoder
 TEMPERATURES = {"type": 1.7, "tags": 0.6, "topic": 1.3}  # calibrated heads: heads-only must calibrate alike
@@ -25,7 +25,7 @@ def score(tmp_path, model_dir, name, **overrides):
             "max_tokens_per_batch": 256, "lock_timeout_s": 5, "precision": "fp32"}
     args.update(overrides)
     cfg = load_config(ScoreConfig, None, [f"{k}={v}" for k, v in args.items()])
-    return run_score(cfg)
+    return run_score(cfg, inline=True)  # in this process, without Ray
 
 
 def by_id(output):
@@ -43,9 +43,8 @@ def first_part(output):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tokenizer, _ray_session):
+def scored(tmp_path_factory, tokenizer):
     """A calibrated tiny model, and a text run with embeddings over 40 rows (3 without text) in 2 input files."""
-    local_ray()
     tmp = tmp_path_factory.mktemp("from_embeddings")
     model = tiny_model(HEADS)
     model.save_pretrained(tmp / "model")

@@ -87,7 +87,7 @@ def test_dotted_catalog_properties_reach_pyiceberg_as_named():
     assert cfg.catalog == {"type": "rest", "s3.endpoint": "http://minio:9000", "rest.sigv4-enabled": "true"}
 
 
-def test_appended_snapshots_are_scored_once(catalog, tmp_path, tiny_model_dir, ray_local):
+def test_appended_snapshots_are_scored_once(catalog, tmp_path, tiny_model_dir):
     from pipelines.score import ScoreConfig, run_score
 
     cat, props = catalog
@@ -98,15 +98,15 @@ def test_appended_snapshots_are_scored_once(catalog, tmp_path, tiny_model_dir, r
         return ScoreConfig(input_table="lake.corpus", catalog={**props, "token": "tok-SECRET-1"}, output=str(tmp_path / kw.pop("out", "scores")),
                            model=str(tiny_model_dir), progress=False, block_rows=32, max_tokens_per_batch=256, **kw)
 
-    first = run_score(cfg())
+    first = run_score(cfg(), inline=True)
     assert first["rows_scored_this_run"] == 30 and first["input_format"] == "iceberg"
     # A catalog secret never reaches the manifest (the SQL catalog ignores the extra property).
     assert first["config"]["catalog"]["token"] == "REDACTED" and "tok-SECRET-1" not in (tmp_path / "scores" / "_manifest.json").read_text()
     assert first["input"] == "iceberg table lake.corpus" and first["input_version"] == table.current_snapshot().snapshot_id
     snapshot = table.current_snapshot().snapshot_id
     table.append(batch(30, 9))
-    second = run_score(cfg())
+    second = run_score(cfg(), inline=True)
     assert second["rows_scored_this_run"] == 9 and second["rows_out"] == 39 and second["status"] == "complete"
     out = pd.read_parquet(tmp_path / "scores")
     assert sorted(out["id"]) == sorted(table.scan().to_arrow().column("id").to_pylist()) and out["id"].is_unique
-    assert run_score(cfg(out="as_of_first", input_snapshot=snapshot))["rows_out"] == 30
+    assert run_score(cfg(out="as_of_first", input_snapshot=snapshot), inline=True)["rows_out"] == 30

@@ -21,6 +21,11 @@ def cfg(inp, out, model, **kw) -> ScoreConfig:
     return ScoreConfig(input=str(inp), output=str(out), model=str(model), progress=False, precision="fp32", profile=False, **kw)
 
 
+def score(config: ScoreConfig) -> dict:
+    """The scoring job run in this process without Ray: these tests are about the sink and the checks around it."""
+    return run_score(config, inline=True)
+
+
 def write(path: Path, ids, texts=None, **kw) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     texts = texts if texts is not None else [f"text of row {i}" for i in range(len(ids))]
@@ -46,54 +51,54 @@ def test_output_overlapping_the_input_is_refused_before_any_work(tmp_path, tiny_
     out = {"same": inp, "dotdot": tmp_path / "runs" / "x" / ".." / ".." / "data" / "emb", "symlink": tmp_path / "link",
            "file_uri": f"file://{inp}", "relative": "data/emb", "inside": inp / "_scores", "around": tmp_path / "data"}[spelling]
     with pytest.raises(ConfigError, match="key 'output'.*the input"):
-        run_score(cfg(inp, out, tiny_model_dir, overwrite=True))
+        score(cfg(inp, out, tiny_model_dir, overwrite=True))
     assert snapshot(tmp_path / "data") == before
 
 
 # --- inputs are known by content, not spelling or mtime ---------------------------------------------
 
 
-def test_rewrite_keeping_size_and_mtime_is_rescored(tmp_path, tiny_model_dir, ray_local):
+def test_rewrite_keeping_size_and_mtime_is_rescored(tmp_path, tiny_model_dir):
     inp, out = tmp_path / "in", tmp_path / "out"
     write(inp / "a.parquet", [f"a{i}" for i in range(40)])
     write(inp / "b.parquet", [f"b{i}" for i in range(40)])
-    first = run_score(cfg(inp, out, tiny_model_dir))
+    first = score(cfg(inp, out, tiny_model_dir))
     assert first["status"] == "complete"
     stat = os.stat(inp / "a.parquet")
     size = stat.st_size
     write(inp / "a.parquet", [f"a{i}" for i in range(40)], texts=[f"TEXT OF ROW {i}" for i in range(40)])
     assert os.stat(inp / "a.parquet").st_size == size  # same length of text: same size
     os.utime(inp / "a.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    second = run_score(cfg(inp, out, tiny_model_dir))
+    second = score(cfg(inp, out, tiny_model_dir))
     assert second["rows_scored_this_run"] == 40 and second["verification"]["stale_files_removed"]
     table = pd.read_parquet(out)
     assert len(table) == 80 and table["id"].is_unique
     # a touch changes the mtime only: nothing to rescore
     os.utime(inp / "b.parquet")
-    assert run_score(cfg(inp, out, tiny_model_dir))["rows_scored_this_run"] == 0
+    assert score(cfg(inp, out, tiny_model_dir))["rows_scored_this_run"] == 0
 
 
-def test_one_input_through_two_spellings_is_one_input(tmp_path, tiny_model_dir, ray_local):
+def test_one_input_through_two_spellings_is_one_input(tmp_path, tiny_model_dir):
     inp, out = tmp_path / "in", tmp_path / "out"
     write(inp / "a.parquet", [f"a{i}" for i in range(30)])
-    run_score(cfg(inp, out, tiny_model_dir))
+    score(cfg(inp, out, tiny_model_dir))
     os.symlink(inp, tmp_path / "alias")
-    again = run_score(cfg(tmp_path / "alias", out, tiny_model_dir))
+    again = score(cfg(tmp_path / "alias", out, tiny_model_dir))
     assert again["rows_scored_this_run"] == 0 and again["status"] == "complete"
-    again = run_score(cfg(f"file://{tmp_path}/x/../in", out, tiny_model_dir))
+    again = score(cfg(f"file://{tmp_path}/x/../in", out, tiny_model_dir))
     assert again["rows_scored_this_run"] == 0
 
 
-def test_rerun_on_fewer_input_files_is_refused_and_keeps_committed_rows(tmp_path, tiny_model_dir, ray_local):
+def test_rerun_on_fewer_input_files_is_refused_and_keeps_committed_rows(tmp_path, tiny_model_dir):
     inp, out = tmp_path / "in", tmp_path / "out"
     write(inp / "a.parquet", [f"a{i}" for i in range(30)])
     write(inp / "b.parquet", [f"b{i}" for i in range(30)])
-    run_score(cfg(inp, out, tiny_model_dir))
+    score(cfg(inp, out, tiny_model_dir))
     before = snapshot(out)
     with pytest.raises(InputError, match=r"(?s)30 committed rows of 1 input file.*b\.parquet.*prune_missing=true"):
-        run_score(cfg(inp / "a.parquet", out, tiny_model_dir))
+        score(cfg(inp / "a.parquet", out, tiny_model_dir))
     assert snapshot(out) == before
-    pruned = run_score(cfg(inp / "a.parquet", out, tiny_model_dir, prune_missing=True))
+    pruned = score(cfg(inp / "a.parquet", out, tiny_model_dir, prune_missing=True))
     assert pruned["status"] == "complete" and set(pd.read_parquet(out)["id"]) == {f"a{i}" for i in range(30)}
 
 
@@ -107,18 +112,18 @@ def test_rerun_on_fewer_input_files_is_refused_and_keeps_committed_rows(tmp_path
     pa.array([f"r{i}".encode() for i in range(20)] + [None], pa.binary()),
     pa.array([f"r{i}" for i in range(20)] + [None]).dictionary_encode(),
 ], ids=["int64", "uint16", "large_string", "binary", "dictionary"])
-def test_every_integer_string_and_binary_id_type_verifies_with_nulls(tmp_path, tiny_model_dir, ray_local, ids):
+def test_every_integer_string_and_binary_id_type_verifies_with_nulls(tmp_path, tiny_model_dir, ids):
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     pq.write_table(pa.table({"id": ids, "text": [f"row {i}" for i in range(len(ids))]}), inp)
-    manifest = run_score(cfg(inp, out, tiny_model_dir))
+    manifest = score(cfg(inp, out, tiny_model_dir))
     assert manifest["status"] == "complete" and (out / "_SUCCESS").exists()
     assert manifest["ids"] == {"null": 1, "duplicate_within_file": 0}
 
 
-def test_duplicate_ids_are_counted(tmp_path, tiny_model_dir, ray_local):
+def test_duplicate_ids_are_counted(tmp_path, tiny_model_dir):
     inp = tmp_path / "in.parquet"
     write(inp, ["a", "b", "a", "c", "a"])
-    manifest = run_score(cfg(inp, tmp_path / "out", tiny_model_dir))
+    manifest = score(cfg(inp, tmp_path / "out", tiny_model_dir))
     assert manifest["status"] == "complete" and manifest["ids"]["duplicate_within_file"] == 2
 
 
@@ -128,19 +133,19 @@ def test_id_type_that_cannot_identify_rows_fails_before_any_work(tmp_path, tiny_
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     pq.write_table(pa.table({"id": ids, "text": ["x", "y"]}), inp)
     with pytest.raises(InputError, match=f"id column 'id' is {str(ids.type).split('<')[0]}.*cannot identify rows"):
-        run_score(cfg(inp, out, tiny_model_dir))
+        score(cfg(inp, out, tiny_model_dir))
     assert not out.exists()
 
 
 # --- text and limits --------------------------------------------------------------------------------
 
 
-def test_invalid_utf8_and_huge_cells_are_per_row_outcomes(tmp_path, tiny_model_dir, ray_local):
+def test_invalid_utf8_and_huge_cells_are_per_row_outcomes(tmp_path, tiny_model_dir):
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     raw = [b"fine text", b"bad \xff\xfe bytes", ("word " * 2_000_000).encode(), b"also fine"]
     texts = pa.array(raw, pa.binary()).view(pa.string())  # a string column holding invalid UTF-8, as a buggy writer leaves it
     pq.write_table(pa.table({"id": ["ok", "bad", "huge", "ok2"], "text": texts}), inp)
-    manifest = run_score(cfg(inp, out, tiny_model_dir))
+    manifest = score(cfg(inp, out, tiny_model_dir))
     table = pd.read_parquet(out).set_index("id")
     assert manifest["status"] == "complete" and len(table) == 4
     assert "invalid UTF-8" in table.loc["bad", "error"]
@@ -152,7 +157,7 @@ def test_max_length_beyond_the_encoders_positions_fails_before_any_work(tmp_path
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     write(inp, ["a"])
     with pytest.raises(ConfigError, match=r"key 'max_length': 200 tokens is more than the encoder's position embeddings allow \(160\)"):
-        run_score(cfg(inp, out, tiny_model_dir, max_length=200))
+        score(cfg(inp, out, tiny_model_dir, max_length=200))
     assert not out.exists()
     # Evaluation and training check the same limit before any work (no Ray is started for it).
     from pipelines.evaluate import EvalConfig, run_evaluate
@@ -162,7 +167,7 @@ def test_max_length_beyond_the_encoders_positions_fails_before_any_work(tmp_path
     with pytest.raises(ConfigError, match=r"key 'max_length': 200 tokens .* allow \(160\)"):
         run_evaluate(EvalConfig(data=str(inp), model=str(tiny_model_dir), output=str(report), max_length=200))
     with pytest.raises(ConfigError, match=r"key 'max_length \(0: the model's max_seq_length\)': 512 tokens .* \(160\)"):
-        run_score(cfg(inp, out, _with_max_seq_length(tiny_model_dir, tmp_path / "long", 512)))
+        score(cfg(inp, out, _with_max_seq_length(tiny_model_dir, tmp_path / "long", 512)))
     model_out = tmp_path / "model"
     with pytest.raises(ConfigError, match=r"key 'max_length': 161 tokens .* allow \(160\)"):
         run_train(TrainConfig(train=[str(inp)], encoder=str(tiny_encoder_dir), output=str(model_out), max_length=161,
@@ -179,7 +184,7 @@ def _with_max_seq_length(model_dir: Path, target: Path, length: int) -> Path:
     return target
 
 
-def test_units_hold_at_most_rows_per_file_inside_one_row_group(tmp_path, tiny_model_dir, ray_local):
+def test_units_hold_at_most_rows_per_file_inside_one_row_group(tmp_path, tiny_model_dir):
     from pipelines.sink.units import plan_units, read_unit
     from pipelines.storage import list_parquet_files, locate
 
@@ -192,7 +197,7 @@ def test_units_hold_at_most_rows_per_file_inside_one_row_group(tmp_path, tiny_mo
     assert table.column("id").to_pylist() == [f"r{i}" for i in range(300, 600)] and list(rows) == list(range(300, 600))
     table, rows = read_unit(units[3].to_dict(), loc.fs, ["id"])
     assert table.column("id").to_pylist() == [f"r{i}" for i in range(900, 1050)]
-    manifest = run_score(cfg(inp, out, tiny_model_dir, rows_per_file=300))
+    manifest = score(cfg(inp, out, tiny_model_dir, rows_per_file=300))
     files = list(out.glob("part-*.parquet"))
     assert manifest["status"] == "complete" and len(files) == 4
     assert max(pq.ParquetFile(f).metadata.num_rows for f in files) <= 300
@@ -201,10 +206,10 @@ def test_units_hold_at_most_rows_per_file_inside_one_row_group(tmp_path, tiny_mo
 # --- _SUCCESS only while the last verification passed ------------------------------------------------
 
 
-def test_failed_verification_removes_an_old_success(tmp_path, tiny_model_dir, ray_local):
+def test_failed_verification_removes_an_old_success(tmp_path, tiny_model_dir):
     inp, out = tmp_path / "in.parquet", tmp_path / "out"
     write(inp, [f"r{i}" for i in range(20)])
-    run_score(cfg(inp, out, tiny_model_dir))
+    score(cfg(inp, out, tiny_model_dir))
     assert (out / "_SUCCESS").exists()
     part = next(out.glob("part-*.parquet"))
     table = pq.read_table(part)  # an id rewritten behind the job's back; the commit record kept
@@ -212,7 +217,7 @@ def test_failed_verification_removes_an_old_success(tmp_path, tiny_model_dir, ra
     ids[0] = "tampered"
     pq.write_table(table.set_column(0, "id", pa.array(ids)).replace_schema_metadata(table.schema.metadata), part)
     with pytest.raises(RuntimeError, match="ids in the output differ from the ids in the input"):
-        run_score(cfg(inp, out, tiny_model_dir))
+        score(cfg(inp, out, tiny_model_dir))
     assert not (out / "_SUCCESS").exists()
     assert json.loads((out / "_manifest.json").read_text())["status"] == "incomplete"
 

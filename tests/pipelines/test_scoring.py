@@ -34,18 +34,19 @@ def write_corpus(path, n=60, start=0):
     return dict(zip(ids, texts))
 
 
-def score(tmp_path, model_dir, **overrides):
+def score(tmp_path, model_dir, inline=True, **overrides):
+    """Runs the scoring job in this process without Ray (``inline``), unless the test is about Ray."""
     args = {"output": str(tmp_path / "out"), "model": str(model_dir), "progress": False, "block_rows": 16, "max_tokens_per_batch": 256, "lock_timeout_s": 5}
     args.update(overrides)
     cfg = load_config(ScoreConfig, None, [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in args.items()])
-    return cfg, run_score(cfg)
+    return cfg, run_score(cfg, inline=inline)
 
 
 def read_output(path):
     return pd.read_parquet(path).set_index("id").sort_index()
 
 
-def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_local):
+def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_local):  # on Ray
     (tmp_path / "in").mkdir()
     texts = write_corpus(tmp_path / "in" / "a.parquet", 40)
     texts.update(write_corpus(tmp_path / "in" / "b.parquet", 30, start=40))
@@ -56,8 +57,12 @@ def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_lo
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
     tiny_model_dir = tmp_path / "model"
     cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"], max_length=32,
-                           precision="fp32")
+                           precision="fp32", inline=False)
     out = read_output(cfg.output)
+    # The same stages run in this process (run_score(inline=True)) write the same table.
+    score(tmp_path, tiny_model_dir, input=str(tmp_path / "in"), passthrough_columns=["source"], max_length=32,
+          precision="fp32", output=str(tmp_path / "inline"))
+    pd.testing.assert_frame_equal(read_output(tmp_path / "inline"), out)
     assert sorted(out.index) == sorted(texts) and manifest["rows_out"] == manifest["rows_in"] == 70
     assert manifest["calibration"] == {"type": 2.0}
     assert manifest["precision"] == {"requested": "fp32", "used_this_run": {"fp32": "set in the config"}}
@@ -93,7 +98,7 @@ def test_output_equals_direct_model_predictions(tmp_path, tiny_model_dir, ray_lo
     assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
-def test_bad_rows_are_kept_with_an_error(tmp_path, tiny_model_dir, ray_local):
+def test_bad_rows_are_kept_with_an_error(tmp_path, tiny_model_dir):
     table = pa.table(
         {
             "id": ["ok", "null", "empty", "space", "nul", "title-only"],
@@ -117,7 +122,7 @@ def test_bad_rows_are_kept_with_an_error(tmp_path, tiny_model_dir, ray_local):
     assert pd.isna(read_output(cfg2.output).loc["title-only", "error"])
 
 
-def test_non_string_and_invalid_utf8_text_columns(tmp_path, tiny_model_dir, ray_local):
+def test_non_string_and_invalid_utf8_text_columns(tmp_path, tiny_model_dir):
     pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), tmp_path / "ints.parquet")
     cfg, manifest = score(tmp_path, tiny_model_dir, input=str(tmp_path / "ints.parquet"))
     assert manifest["rows_error"] == 2
@@ -128,7 +133,7 @@ def test_non_string_and_invalid_utf8_text_columns(tmp_path, tiny_model_dir, ray_
     assert pd.isna(out.loc["a", "error"]) and out.loc["b", "error"].startswith("column 'text': invalid UTF-8")
 
 
-def test_bad_inputs_fail_before_any_output(tmp_path, tiny_model_dir, ray_local):
+def test_bad_inputs_fail_before_any_output(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     with pytest.raises(InputError, match="input path .*nope.* does not exist"):
         score(tmp_path, tiny_model_dir, input=str(tmp_path / "nope"))
@@ -147,7 +152,7 @@ def _parts(out):
     return sorted(p.name for p in out.glob("part-*.parquet"))
 
 
-def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, tiny_model_dir, ray_local):
+def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, tiny_model_dir):
     (tmp_path / "in").mkdir()
     ids = set()
     for k in range(3):
@@ -199,7 +204,7 @@ def test_rerun_skips_committed_rows_and_scores_only_what_is_missing(tmp_path, ti
     assert len(pd.read_parquet(cfg.output)) == 65
 
 
-def test_a_changed_input_file_is_rescored_and_its_old_rows_removed(tmp_path, tiny_model_dir, ray_local):
+def test_a_changed_input_file_is_rescored_and_its_old_rows_removed(tmp_path, tiny_model_dir):
     (tmp_path / "in").mkdir()
     write_corpus(tmp_path / "in" / "a.parquet", 10)
     old_b = write_corpus(tmp_path / "in" / "b.parquet", 10, start=10)
@@ -215,7 +220,7 @@ def test_a_changed_input_file_is_rescored_and_its_old_rows_removed(tmp_path, tin
     assert len(manifest["verification"]["stale_files_removed"]) >= 1
 
 
-def test_duplicate_files_are_removed_and_damaged_files_are_caught(tmp_path, tiny_model_dir, ray_local):
+def test_duplicate_files_are_removed_and_damaged_files_are_caught(tmp_path, tiny_model_dir):
     write_corpus(tmp_path / "in.parquet", 30)
     score(tmp_path, tiny_model_dir, input=str(tmp_path / "in.parquet"))
     out = tmp_path / "out"
@@ -239,7 +244,7 @@ def test_duplicate_files_are_removed_and_damaged_files_are_caught(tmp_path, tiny
     assert not (out / "_SUCCESS").exists()
 
 
-def test_a_second_job_on_a_held_output_fails_naming_the_holder(tmp_path, tiny_model_dir, ray_local):
+def test_a_second_job_on_a_held_output_fails_naming_the_holder(tmp_path, tiny_model_dir):
     from pipelines.sink.lock import LockHeldError, OutputLock
     from pipelines.storage import locate
 
@@ -253,7 +258,7 @@ def test_a_second_job_on_a_held_output_fails_naming_the_holder(tmp_path, tiny_mo
     assert manifest["rows_out"] == 5
 
 
-def test_foreign_output_directory_is_refused(tmp_path, tiny_model_dir, ray_local):
+def test_foreign_output_directory_is_refused(tmp_path, tiny_model_dir):
     write_corpus(tmp_path / "in.parquet", 5)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "important.csv").write_text("x")
