@@ -21,7 +21,6 @@ from pipelines.sink.parquet import visible_rows as output_visible_rows
 from pipelines.storage import locate
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
 
 
 def write_inputs(path: Path, files: int, rows: int) -> set[str]:
@@ -147,6 +146,7 @@ def other_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.mark.slow
 def test_job_stalled_past_its_lease_commits_nothing_after_another_job_took_over(tmp_path, tiny_model_dir, other_model_dir):
     ids = write_inputs(tmp_path / "in", files=6, rows=1000)
     out = tmp_path / "out"

@@ -19,6 +19,7 @@ FUSED_HEADS = json.dumps([{"name": "sentiment", "kind": "multiclass", "dropout":
                           {"name": "topics", "kind": "multilabel", "hidden_sizes": [8], "dropout": 0.3, "inputs_from": ["sentiment"]}])
 
 
+@pytest.mark.slow
 def test_cached_features_train_the_heads_as_the_encoder_would(tmp_path, tiny_encoder_dir, ray_local, monkeypatch):
     import pipelines.train.data as train_data
 

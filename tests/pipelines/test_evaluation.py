@@ -72,7 +72,7 @@ def run_eval(tmp_path, *args):
     return evaluate_job.main([f"output={tmp_path / 'report'}", "progress=false", *args])
 
 
-@pytest.mark.parametrize("shards", [1, 50])  # one block, and more files than blocks (joined in 4 partitions)
+@pytest.mark.parametrize("shards", [pytest.param(1, marks=pytest.mark.slow), 6])  # one block; more files than partitions (joined in 4)
 def test_join_path_equals_sklearn_for_every_kind_and_shard_count(tmp_path, ray_local, shards, monkeypatch, caplog):
     import pipelines.evaluate.run as evaluate_run
 

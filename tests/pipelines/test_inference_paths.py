@@ -28,6 +28,7 @@ def ray_with_a_gpu():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_notebook_scoring_and_evaluation_use_the_same_probabilities(tmp_path, tiny_model_dir, ray_with_a_gpu):
     n = len(TEXTS)
     table = pa.table({"id": [f"r{i}" for i in range(n)], "text": TEXTS,

@@ -65,14 +65,14 @@ def test_int8_engine_is_close_to_fp32_and_exports_once_per_model(tmp_path, tiny_
     assert len(list(cache.glob(f"*/{INT8_FILE}"))) == 2
 
 
-def test_scoring_job_at_int8_ships_the_export_and_records_it(tmp_path, tiny_model_dir, ray_local, cache):
+def test_scoring_job_at_int8_ships_the_export_and_records_it(tmp_path, tiny_model_dir, cache):
     table = pa.table({"id": [f"r{i}" for i in range(len(TEXTS))], "text": TEXTS})
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=16)
 
     def score(out, precision):
         cfg = load_config(ScoreConfig, None, [f"input={tmp_path / 'in.parquet'}", f"output={tmp_path / out}", f"model={tiny_model_dir}",
                                               f"precision={precision}", "progress=false", "rows_per_file=20", "block_rows=16"])
-        return run_score(cfg), pd.read_parquet(tmp_path / out).set_index("id").sort_index()
+        return run_score(cfg, inline=True), pd.read_parquet(tmp_path / out).set_index("id").sort_index()
 
     manifest, int8 = score("int8", "int8")
     _, fp32 = score("fp32", "fp32")

@@ -151,6 +151,7 @@ def _epochs_without_timing(summary):
     return [{k: v for k, v in epoch.items() if k != "train_examples_per_s"} for epoch in summary["epochs"]]
 
 
+@pytest.mark.slow
 def test_a_run_whose_worker_is_killed_resumes_and_ends_as_an_uninterrupted_one(data, tiny_encoder_dir, ray_local, monkeypatch):
     # Ray Train picks up reports every 2 s by default; sooner, so the kill lands in the next epoch.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -176,6 +177,7 @@ def test_a_run_whose_worker_is_killed_resumes_and_ends_as_an_uninterrupted_one(d
         assert np.allclose(weights[0][name].numpy(), weights[1][name].numpy(), rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_datasets_labelled_for_different_heads(tmp_path, tiny_encoder_dir, ray_local):
     pq.write_table(make_rows(80, 3, with_topics=False), tmp_path / "a.parquet")
     pq.write_table(make_rows(80, 4, with_sentiment=False), tmp_path / "b.parquet")
