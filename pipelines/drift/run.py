@@ -10,7 +10,8 @@ Each manifest already holds the partition's exact profile and its PSI against th
 (:mod:`pipelines.score.drift`); this job only lines them up. Partitions are ordered by their value
 (ISO dates sort in time order). Every partition must be a complete scoring output (``_SUCCESS``, a
 manifest that does not say incomplete); ``allow_incomplete=true`` reads the others anyway and lists
-them in the summary.
+them in the summary. A partition that is a Delta table output has its manifest at
+``_mtcls/manifest.json`` and is complete when its ``mtcls.status`` property says so.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.drift.config import DriftConfig
-from pipelines.sink.completion import MANIFEST_FILE, require_complete
+from pipelines.sink.completion import MANIFEST_FILE, manifest_location, require_complete
 from pipelines.storage import InputError, locate, read_json, redact_uri, write_json
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def _partition_manifests(root: Any, key: str, allow_incomplete: bool = False) ->
         if base.startswith(f"{key}=") and entry.get("type") == "directory":
             partitions.append((base[len(key) + 1:], root.join(base)))
     partitions.sort(key=lambda f: f[0])
-    with_manifest = {value for value, loc in partitions if fs.exists(loc.join(MANIFEST_FILE).path)}
+    manifests = {value: manifest_location(loc) for value, loc in partitions}  # Parquet or Delta outputs
+    with_manifest = {value for value, loc in manifests.items() if fs.exists(loc.path)}
     if not with_manifest:
         raise InputError(f"scores root {root.uri()!r} has no partition manifests ({key}=*/{MANIFEST_FILE})")
     out, incomplete = [], []
@@ -108,7 +110,7 @@ def _partition_manifests(root: Any, key: str, allow_incomplete: bool = False) ->
             incomplete.append({"partition": value, "problems": problems})
         if value not in with_manifest:
             continue  # allowed incomplete, but nothing to read
-        loc = part.join(MANIFEST_FILE)
+        loc = manifests[value]
         try:
             out.append((value, read_json(loc)))
         except (ValueError, OSError) as exc:

@@ -28,6 +28,18 @@ PROP_STATUS = "mtcls.status"
 PROP_METADATA = "mtcls.metadata"
 
 
+#: Where a Delta table output keeps its last run's manifest, under the table.
+DELTA_MANIFEST = "_mtcls/manifest.json"
+
+
+def manifest_location(loc: Location) -> Location:
+    """The manifest of the scoring output at ``loc``: ``_manifest.json`` of a Parquet directory,
+    ``_mtcls/manifest.json`` of a Delta table."""
+    from pipelines.sources import is_delta_table
+
+    return loc.join(DELTA_MANIFEST if is_delta_table(loc) else MANIFEST_FILE)
+
+
 def completion_problems(loc: Location) -> list[str]:
     """What shows that the scoring output at ``loc`` is not complete (an empty list: nothing).
 

@@ -70,3 +70,26 @@ def test_a_root_without_partition_manifests_fails_naming_it(tmp_path):
         main([f"root={tmp_path}"])
     with pytest.raises(InputError, match="does not exist"):
         main([f"root={tmp_path}/absent"])
+
+
+def test_delta_partition_outputs_are_read_and_an_incomplete_one_refused(tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    from pipelines.score import ScoreConfig, run_score
+
+    root = tmp_path / "scores"
+    for k, day in enumerate(["2026-12-01", "2026-12-02"]):
+        pq.write_table(pa.table({"id": [f"{day}-{i}" for i in range(20 + k)], "text": [f"review {i}" for i in range(20 + k)]}),
+                       tmp_path / f"{day}.parquet")
+        run_score(ScoreConfig(input=str(tmp_path / f"{day}.parquet"), output=str(root / f"date={day}"), model=str(tiny_model_dir),
+                              output_format="delta", progress=False, precision="fp32"), inline=True)
+    summary = main([str(root)])
+    assert summary["partitions"] == ["2026-12-01", "2026-12-02"] and summary["incomplete_partitions"] == []
+    table = pd.read_csv(root / "_drift" / "drift.csv", keep_default_na=False)
+    assert set(table["partition"]) == {"2026-12-01", "2026-12-02"} and set(table["head"]) >= {"trust", "type"}
+
+    DeltaTable(str(root / "date=2026-12-02")).alter.set_table_properties({"mtcls.status": "incomplete"}, raise_if_not_exists=False)
+    with pytest.raises(InputError, match='date=2026-12-02.*mtcls.status is "incomplete"'):
+        main([str(root)])

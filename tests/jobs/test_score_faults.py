@@ -71,7 +71,7 @@ def signal_marked(marker: str, sig: int) -> None:
 
 
 def test_driver_killed_mid_run_then_rerun_scores_each_row_once(tmp_path, tiny_model_dir):
-    ids = write_inputs(tmp_path / "in", files=6, rows=1000)
+    ids = write_inputs(tmp_path / "in", files=3, rows=1000)
     out = tmp_path / "out"
     marker = f"MTCLS_TEST_{uuid.uuid4().hex}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", marker: "1"}
