@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.drift.config import DriftConfig
-from pipelines.sink.completion import MANIFEST_FILE, manifest_location, require_complete
+from pipelines.sink.completion import DELTA_MANIFEST, MANIFEST_FILE, manifest_location, require_complete
 from pipelines.storage import InputError, locate, read_json, redact_uri, write_json
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ def _partition_manifests(root: Any, key: str, allow_incomplete: bool = False) ->
     manifests = {value: manifest_location(loc) for value, loc in partitions}  # Parquet or Delta outputs
     with_manifest = {value for value, loc in manifests.items() if fs.exists(loc.path)}
     if not with_manifest:
-        raise InputError(f"scores root {root.uri()!r} has no partition manifests ({key}=*/{MANIFEST_FILE})")
+        raise InputError(f"scores root {root.uri()!r} has no partition manifests ({key}=*/{MANIFEST_FILE}, or "
+                          f"{key}=*/{DELTA_MANIFEST} of Delta tables)")
     out, incomplete = [], []
     for value, part in partitions:
         problems = require_complete(part, allow_incomplete, "allow_incomplete")

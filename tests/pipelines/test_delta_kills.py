@@ -17,12 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("deltalake")
 from deltalake import DeltaTable  # noqa: E402
+
+from tests.pipelines.test_delta_sink import table_ids as delta_table_ids, write_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,21 +113,9 @@ class Jobs:
         self.proc.wait(timeout=60)
 
 
-def write_inputs(path: Path, files: int, rows: int) -> list[str]:
-    path.mkdir(parents=True)
-    ids = []
-    for k in range(files):
-        names = [f"f{k:02d}-{i:04d}" for i in range(rows)]
-        texts = [f"review {i} of batch {k}: " + "words " * (i % 20) for i in range(rows)]
-        pq.write_table(pa.table({"id": names, "text": texts}), path / f"part-{k:02d}.parquet", row_group_size=50)
-        ids += names
-    return ids
-
-
 def table_ids(out: Path) -> list[str]:
-    if not (out / "_delta_log").exists():
-        return []
-    return DeltaTable(str(out)).to_pyarrow_table(columns=["id"]).column("id").to_pylist()
+    """The table's ids as deltalake reads them; none before the first commit made the table."""
+    return delta_table_ids(out) if (out / "_delta_log").exists() else []
 
 
 def test_sigkill_at_twelve_moments_then_a_rerun_leaves_every_id_once(tmp_path, tiny_model_dir):
